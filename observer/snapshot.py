@@ -1,0 +1,89 @@
+"""One read of all kernel views, and the shapes `snapshot` shows: zones, memory blocks grouped
+into ranges as lsmem groups them, and the resources hotplug touches."""
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from .views import iomem, meminfo, memory_blocks, zoneinfo
+from .views.source import ViewError, read_view
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Snapshot:
+    root: str
+    kernel: Optional[str]
+    zones: list
+    blocks: memory_blocks.MemoryBlocks
+    resources: Optional[list]      # iomem roots; None when iomem could not be read
+    iomem_error: Optional[str]      # why resources is None
+    meminfo: dict
+
+
+def take(root="/"):
+    """Read every view under root. /proc/iomem alone may fail (no privileges) without stopping
+    the rest; any other unreadable view raises ViewError."""
+    try:
+        kernel = read_view(root, "/proc/sys/kernel/osrelease").strip() or None
+    except ViewError:
+        kernel = None
+    try:
+        resources, iomem_error = iomem.read_iomem(root), None
+    except ViewError as e:
+        resources, iomem_error = None, str(e)
+    return Snapshot(root, kernel, zoneinfo.read_zoneinfo(root), memory_blocks.read_memory_blocks(root),
+                    resources, iomem_error, meminfo.read_meminfo(root))
+
+
+def block_ranges(blocks):
+    """Runs of consecutive blocks with the same state, zone and node, as lsmem prints them."""
+    runs = []
+    for b in blocks.blocks:
+        key = (b.state, b.valid_zones[0] if b.state == "online" and b.valid_zones else None, b.node)
+        if runs and runs[-1]["key"] == key and runs[-1]["last"] == b.index - 1:
+            runs[-1]["last"] = b.index
+        else:
+            runs.append({"key": key, "first": b.index, "last": b.index})
+    size = blocks.block_size
+    return [{"start": r["first"] * size, "end": (r["last"] + 1) * size - 1,
+             "size": (r["last"] - r["first"] + 1) * size, "state": r["key"][0],
+             "zone": r["key"][1], "node": r["key"][2], "first_block": r["first"],
+             "last_block": r["last"]} for r in runs]
+
+
+def hotplug_resources(roots):
+    """The resources hotplug touches, each with its type label and its parent's name."""
+    out = []
+    for res, parent in iomem.walk(roots):
+        kind = iomem.resource_type(res, parent)
+        if kind is not None:
+            out.append({"start": res.start, "end": res.end, "size": res.size, "name": res.name,
+                        "type": kind, "parent": parent.name if parent else None, "line": res.line})
+    return out
+
+
+def to_json(snap):
+    """The stable --json shape (README "snapshot --json"); bump `version` on any required change."""
+    zones = [{"node": z.node, "zone": z.name, "start_pfn": z.start_pfn, "end_pfn": z.end_pfn,
+              "spanned_pages": z.spanned, "present_pages": z.present, "managed_pages": z.managed}
+             for z in snap.zones]
+    ranges = block_ranges(snap.blocks)
+    resources = hotplug_resources(snap.resources) if snap.resources is not None else None
+    return {"format": "memhp-snapshot", "version": 1, "root": snap.root, "kernel": snap.kernel,
+            "page_size": PAGE_SIZE, "block_size": snap.blocks.block_size, "zones": zones,
+            "memory_blocks": ranges, "resources": resources, "iomem_error": snap.iomem_error,
+            "summary": summary(snap)}
+
+
+def summary(snap):
+    states = {}
+    for b in snap.blocks.blocks:
+        states[b.state] = states.get(b.state, 0) + 1
+    driver = [r for r, _ in iomem.walk(snap.resources or []) if r.is_driver_managed]
+    return {"nodes": len({z.node for z in snap.zones}),
+            "zones_populated": sum(1 for z in snap.zones if z.present),
+            "blocks": len(snap.blocks.blocks), "blocks_by_state": states,
+            "online_bytes": states.get("online", 0) * snap.blocks.block_size,
+            "driver_managed_ram_bytes": sum(r.size for r in driver)}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, with all set-up (scripts/setup.sh). Run as root. CI runs exactly this.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+start=$(date +%s)
+bash "$top/scripts/setup.sh"
+echo "test: set-up took $(( $(date +%s) - start )) s" >&2
+cd "$top"
+exec .venv/bin/python -m pytest -q "$@"
