@@ -41,8 +41,10 @@ def capture(out, src="/"):
         n += sum(_copy(src, out, f"{d}/{a}") for a in BLOCK_ATTRS)
         for name in os.listdir(view_path(src, d)):
             if name.startswith("node") and name[4:].isdigit():
-                # the nodeN link becomes an empty directory: the readers need only its name
-                os.makedirs(view_path(out, f"{d}/{name}"), exist_ok=True)
+                # the nodeN link is kept as a link (the readers need only its name; git keeps
+                # links but not empty directories)
+                link = view_path(out, f"{d}/{name}")
+                os.symlink(os.readlink(view_path(src, f"{d}/{name}")), link)
     if src == "/" and os.geteuid() == 0:
         seen = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                                "cat", IOMEM], capture_output=True, text=True, check=True).stdout
