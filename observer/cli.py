@@ -11,6 +11,7 @@ EPILOG = """examples:
   memhp-observer snapshot                    zones, memory blocks and resources of this host
   memhp-observer snapshot --json | jq .zones
   memhp-observer snapshot --root tests/fixtures/host-bookworm
+  memhp-observer check                       invariants of this host's views (exit 1 on critical)
   memhp-observer capture -o /tmp/views       copy this host's views into a fixture tree
 """
 
@@ -26,6 +27,30 @@ def cmd_snapshot(args):
     else:
         print(report.snapshot_text(snap))
     return 0
+
+
+def cmd_check(args):
+    import time
+    from . import check, report, snapshot
+    from .model.anomaly import CRITICAL
+    snap = snapshot.take(args.root)
+    if snap.resources is None:
+        print(f"memhp-observer: cannot check resources: {snap.iomem_error}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    anomalies = check.check(snap, snapshot.PAGE_SIZE, time.time_ns())
+    critical = any(a.severity == CRITICAL for a in anomalies)
+    if args.json:
+        json.dump({"format": "memhp-check", "version": 1, "root": snap.root, "kernel": snap.kernel,
+                   "clean": not anomalies, "anomalies": [a.to_dict() for a in anomalies]},
+                  sys.stdout, indent=1)
+        print()
+    else:
+        for a in anomalies:
+            print(report.anomaly_line(a))
+        n = len(snap.blocks.blocks)
+        print(f"{'clean' if not anomalies else f'{len(anomalies)} anomalies'}: "
+              f"{len(snap.zones)} zones, {n} memory blocks and /proc/iomem checked")
+    return 1 if critical else 0
 
 
 def cmd_capture(args):
@@ -45,6 +70,12 @@ def build_parser():
     s.add_argument("--root", default="/", help="read the views under this directory (default /)")
     s.add_argument("--json", action="store_true", help="the stable JSON shape (see README)")
     s.set_defaults(func=cmd_snapshot)
+
+    k = sub.add_parser("check", help="check the invariants the kernel views show; "
+                                     "exit 0 clean, 1 critical anomaly, 2 unreadable input")
+    k.add_argument("--root", default="/", help="read the views under this directory (default /)")
+    k.add_argument("--json", action="store_true", help="anomaly records as JSON (see README)")
+    k.set_defaults(func=cmd_check)
 
     c = sub.add_parser("capture", help="copy the kernel views into a directory (fixtures, bug reports)")
     c.add_argument("-o", "--output", required=True)

@@ -43,3 +43,17 @@ def snapshot_text(snap):
                 f"{_size(s['driver_managed_ram_bytes']) if s['driver_managed_ram_bytes'] else 'no'} "
                 f"driver-managed System RAM"]
     return "\n".join(out)
+
+
+def anomaly_line(a):
+    where = []
+    if a.node is not None:
+        where.append(f"node {a.node}")
+    if a.zone:
+        where.append(a.zone)
+    if a.start_pfn is not None:
+        where.append(f"pfn {a.start_pfn:#x}-{a.end_pfn:#x}")
+    lines = [f"{a.severity:<8} {a.kind} ({', '.join(where)}): {a.message}" if where else
+             f"{a.severity:<8} {a.kind}: {a.message}"]
+    lines += [f"         evidence: {e}" for e in a.evidence]
+    return "\n".join(lines)

@@ -23,6 +23,7 @@ class Zone:
     spanned: int
     present: int
     managed: int
+    line: int = 0             # the zone's "Node N, zone Z" line, for evidence
 
     @property
     def end_pfn(self):
@@ -42,7 +43,7 @@ def parse_zoneinfo(text, path=ZONEINFO):
             raise ViewError(path, f"zone {current['name']} of node {current['node']} has no "
                                   f"{', '.join(lacking)} line", current["line"])
         zones.append(Zone(current["node"], current["name"], current.get("start_pfn"),
-                          current["spanned"], current["present"], current["managed"]))
+                          current["spanned"], current["present"], current["managed"], current["line"]))
 
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

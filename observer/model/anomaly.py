@@ -1,0 +1,43 @@
+"""The anomaly record (DESIGN.md §3-4). Kind names and severities are a stable contract."""
+
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+CRITICAL, WARNING, INFO = "critical", "warning", "info"
+
+SEVERITY = {
+    "zone_span_leak": CRITICAL,
+    "present_pages_mismatch": CRITICAL,
+    "resource_leak": CRITICAL,
+    "resource_missing": CRITICAL,
+    "device_range_release": WARNING,
+    "device_private_conflict": CRITICAL,
+    "pagemap_leak": CRITICAL,
+    "unbalanced_remove": CRITICAL,
+    "unaligned_operation": WARNING,
+    "operation_failed": WARNING,
+    "device_span_stale": INFO,
+    "model_drift": WARNING,
+    "events_lost": WARNING,
+}
+
+
+@dataclass
+class Anomaly:
+    kind: str
+    message: str                  # one human sentence
+    ts_ns: int
+    node: Optional[int] = None
+    zone: Optional[str] = None
+    start_pfn: Optional[int] = None
+    end_pfn: Optional[int] = None  # exclusive
+    evidence: List[str] = field(default_factory=list)
+    severity: str = ""
+
+    def __post_init__(self):
+        if self.kind not in SEVERITY:
+            raise ValueError(f"unknown anomaly kind {self.kind!r}")
+        self.severity = self.severity or SEVERITY[self.kind]
+
+    def to_dict(self):
+        return asdict(self)
