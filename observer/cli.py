@@ -12,6 +12,7 @@ EPILOG = """examples:
   memhp-observer snapshot --json | jq .zones
   memhp-observer snapshot --root tests/fixtures/host-bookworm
   memhp-observer check                       invariants of this host's views (exit 1 on critical)
+  memhp-observer run --listen 127.0.0.1:9477  the daemon; curl -s localhost:9477/metrics
   memhp-observer capture -o /tmp/views       copy this host's views into a fixture tree
 """
 
@@ -53,6 +54,21 @@ def cmd_check(args):
     return 1 if critical else 0
 
 
+def parse_listen(value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def cmd_run(args):
+    import logging
+    from . import daemon
+    logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
+    host, port = args.listen
+    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval)
+
+
 def cmd_capture(args):
     from .capture import capture
     n = capture(args.output, args.root)
@@ -76,6 +92,16 @@ def build_parser():
     k.add_argument("--root", default="/", help="read the views under this directory (default /)")
     k.add_argument("--json", action="store_true", help="anomaly records as JSON (see README)")
     k.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("run", help="the daemon: reconcile from the kernel views and serve /metrics")
+    r.add_argument("--listen", type=parse_listen, default="127.0.0.1:9477",
+                   help="HOST:PORT for /metrics (default 127.0.0.1:9477)")
+    r.add_argument("--mode", choices=["auto", "procfs"], default="auto",
+                   help="auto: BPF where the kernel allows it (not built yet), else procfs")
+    r.add_argument("--reconcile-interval", type=float, default=10.0, metavar="S",
+                   help="seconds between reads of the kernel views (default 10)")
+    r.add_argument("--root", default="/", help="read the views under this directory (default /)")
+    r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("capture", help="copy the kernel views into a directory (fixtures, bug reports)")
     c.add_argument("-o", "--output", required=True)

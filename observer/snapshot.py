@@ -22,13 +22,17 @@ class Snapshot:
     meminfo: dict
 
 
+def read_kernel_release(root="/"):
+    try:
+        return read_view(root, "/proc/sys/kernel/osrelease").strip() or None
+    except ViewError:
+        return None
+
+
 def take(root="/"):
     """Read every view under root. /proc/iomem alone may fail (no privileges) without stopping
     the rest; any other unreadable view raises ViewError."""
-    try:
-        kernel = read_view(root, "/proc/sys/kernel/osrelease").strip() or None
-    except ViewError:
-        kernel = None
+    kernel = read_kernel_release(root)
     try:
         resources, iomem_error = iomem.read_iomem(root), None
     except ViewError as e:

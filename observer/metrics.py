@@ -1,0 +1,116 @@
+"""Prometheus exposition of the daemon's current state (DESIGN.md §4). A collector with no state
+of its own: each scrape renders the last reconciled State."""
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import __version__
+from .model.anomaly import SEVERITY
+from .probes.functions import ALL as PROBED_FUNCTIONS
+from .snapshot import hotplug_resources
+
+
+def _blocks_by_key(blocks):
+    counts = {}
+    for b in blocks.blocks:
+        # offline blocks, and online blocks spanning several zones, are in no single zone:
+        # "none", the kernel's own word in valid_zones
+        key = ("" if b.node is None else str(b.node), b.zone or "none", b.state)
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class StateCollector:
+    def __init__(self, daemon_state):
+        self.state = daemon_state   # anything with a .current attribute holding a State
+
+    def describe(self):
+        return []   # families vary with the host; no registration-time checks needed
+
+    def collect(self):
+        s = self.state.current
+        info = GaugeMetricFamily("memhp_build_info", "memhp-observer version, kernel and mode",
+                                 labels=["version", "kernel", "mode"])
+        info.add_metric([__version__, s.kernel, s.mode], 1)
+        yield info
+
+        probe = GaugeMetricFamily("memhp_probe_attached",
+                                  "1 when the probe on this kernel function is attached",
+                                  labels=["function", "method"])
+        for fn in PROBED_FUNCTIONS:
+            method = s.probe_methods.get(fn, "none")
+            probe.add_metric([fn, method], 1 if method != "none" else 0)
+        yield probe
+
+        last = GaugeMetricFamily("memhp_last_reconcile_timestamp_seconds",
+                                 "Unix time of the last reconcile from the kernel views")
+        dur = GaugeMetricFamily("memhp_reconcile_duration_seconds",
+                                "How long the last reconcile from the kernel views took")
+        errors = CounterMetricFamily("memhp_reconcile_errors",
+                                     "Reconciles that could not read a kernel view")
+        errors.add_metric([], s.reconcile_errors)
+        yield errors
+        if s.snapshot is None:
+            return
+        last.add_metric([], s.reconciled_at)
+        dur.add_metric([], s.reconcile_seconds)
+        yield last
+        yield dur
+
+        start = GaugeMetricFamily("memhp_zone_start_pfn", "First pfn of the zone's span "
+                                  "(absent while the zone has no present pages)", labels=["node", "zone"])
+        spanned = GaugeMetricFamily("memhp_zone_spanned_pages", "Pages the zone spans, holes included",
+                                    labels=["node", "zone"])
+        present = GaugeMetricFamily("memhp_zone_present_pages", "Pages present in the zone",
+                                    labels=["node", "zone"])
+        for z in s.snapshot.zones:
+            labels = [str(z.node), z.name]
+            if z.start_pfn is not None:
+                start.add_metric(labels, z.start_pfn)
+            spanned.add_metric(labels, z.spanned)
+            present.add_metric(labels, z.present)
+        yield start
+        yield spanned
+        yield present
+
+        blocks = GaugeMetricFamily("memhp_memory_blocks", "Memory blocks by node, zone and state",
+                                   labels=["node", "zone", "state"])
+        for (node, zone, state), n in sorted(_blocks_by_key(s.snapshot.blocks).items()):
+            blocks.add_metric([node, zone, state], n)
+        yield blocks
+
+        if s.snapshot.resources is not None:
+            res = GaugeMetricFamily("memhp_resource_bytes", "Bytes of iomem resources hotplug "
+                                    "touches, by type", labels=["type"])
+            totals = {}
+            for r in hotplug_resources(s.snapshot.resources):
+                totals[r["type"]] = totals.get(r["type"], 0) + r["size"]
+            for kind, size in sorted(totals.items()):
+                res.add_metric([kind], size)
+            yield res
+
+        active = GaugeMetricFamily("memhp_anomalies_active", "Anomalies present in the last "
+                                   "reconcile, by kind", labels=["kind"])
+        total = CounterMetricFamily("memhp_anomalies", "Anomalies reported since start "
+                                    "(each counted once while it stays present)",
+                                    labels=["kind", "severity"])
+        for kind in sorted(SEVERITY):
+            active.add_metric([kind], sum(1 for a in s.anomalies if a.kind == kind))
+            total.add_metric([kind, SEVERITY[kind]], s.anomalies_reported.get(kind, 0))
+        yield active
+        yield total
+
+        leak = GaugeMetricFamily("memhp_zone_span_leak_pages", "Pages of zone span beyond the "
+                                 "zone's online memory over blocks not online in it",
+                                 labels=["node", "zone"])
+        for z in s.snapshot.zones:
+            # a leak in a zone with no present pages has no start shown: all its span leaks
+            pages = sum(z.spanned if a.start_pfn is None else a.end_pfn - a.start_pfn
+                        for a in s.anomalies
+                        if a.kind == "zone_span_leak" and a.zone == z.name and a.node == z.node)
+            leak.add_metric([str(z.node), z.name], pages)
+        yield leak
+        rleak = GaugeMetricFamily("memhp_resource_leak_bytes", "Bytes of System RAM resources "
+                                  "with no memory block under them")
+        rleak.add_metric([], sum((a.end_pfn - a.start_pfn) * s.page_size for a in s.anomalies
+                                 if a.kind == "resource_leak"))
+        yield rleak

@@ -1,0 +1,60 @@
+"""Can BPF watch this kernel? Answers without loading anything into the daemon itself.
+
+- kprobes: the kernel exposes a "kprobe" perf PMU (or tracefs kprobe_events) only when built
+  with CONFIG_KPROBE_EVENTS.
+- fentry (kfunc): bcc's support_kfunc() can say yes while the load fails with EPERM (this
+  project's dev host does exactly that), so the load is tried. The try loads LLVM (RSS ~25 -> ~180
+  MB), so it runs in a short-lived child process (python -m observer.probes.fentry_try).
+- bcc compiles against /lib/modules/$(uname -r)/build; without it bcc runs `modprobe kheaders` by
+  itself, so nothing calls bcc unless that directory exists."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .functions import CORE
+
+
+@dataclass(frozen=True)
+class BpfStatus:
+    kprobes: bool
+    fentry: bool
+    reason: str        # one line: why BPF is off, or which method is available
+
+    @property
+    def available(self):
+        return self.kprobes or self.fentry
+
+
+def has_kprobes(root="/"):
+    return any(os.path.exists(os.path.join(root, p)) for p in (
+        "sys/bus/event_source/devices/kprobe", "sys/kernel/tracing/kprobe_events",
+        "sys/kernel/debug/tracing/kprobe_events"))
+
+
+def headers_dir():
+    return f"/lib/modules/{os.uname().release}/build"
+
+
+def try_fentry(function=CORE[0], timeout=120):
+    """(loaded, why) for one fentry program on `function`, loaded in a child process."""
+    if not os.path.isdir(os.path.join(headers_dir(), "include")):
+        return False, f"no kernel headers at {headers_dir()} (install linux-headers-{os.uname().release})"
+    try:
+        child = subprocess.run([sys.executable, "-m", "observer.probes.fentry_try", function],
+                               capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"fentry try on {function} did not finish in {timeout} s"
+    last = (child.stdout.strip().splitlines() or ["no answer from the fentry try"])[-1]
+    return child.returncode == 0, last
+
+
+def bpf_status():
+    kprobes = has_kprobes()
+    fentry, why = try_fentry()
+    release = os.uname().release
+    if kprobes or fentry:
+        return BpfStatus(kprobes, fentry, "kprobes available" if kprobes else "fentry available")
+    return BpfStatus(False, False, f"BPF off on {release}: no kprobes in this kernel "
+                                   f"(no kprobe PMU or kprobe_events); fentry {why}")
