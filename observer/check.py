@@ -37,11 +37,14 @@ def _block_evidence(b):
     return f"{MEMORY}/memory{b.index}: state {b.state}, valid_zones {' '.join(b.valid_zones)}"
 
 
-def _online_in(block, zone):
-    """Online in this zone, or online across several zones ("none"), which may include it."""
+def _online_in(block, zone, per_block):
+    """Online in this zone; or online across several zones ("none") and inside this zone's span,
+    so that it may hold some of its pages (block 0 holds DMA and DMA32)."""
     if block.state != "online" or (block.node is not None and block.node != zone.node):
         return False
-    return block.zone == zone.name or block.valid_zones[:1] == ("none",)
+    if block.valid_zones[:1] == ("none",):
+        return block.index * per_block < zone.end_pfn and (block.index + 1) * per_block > zone.start_pfn
+    return block.zone == zone.name
 
 
 def span_leaks(zones, blocks, page_size, ts_ns):
@@ -57,7 +60,7 @@ def span_leaks(zones, blocks, page_size, ts_ns):
                                        f"with no page present in it",
                                evidence=[_zone_evidence(z)]))
             continue
-        mine = [b for b in blocks.blocks if _online_in(b, z)]
+        mine = [b for b in blocks.blocks if _online_in(b, z, per_block)]
         hull = (mine[0].index * per_block, (mine[-1].index + 1) * per_block) if mine else None
         excess = [(z.start_pfn, z.end_pfn)] if hull is None else \
             [(z.start_pfn, min(z.end_pfn, hull[0])), (max(z.start_pfn, hull[1]), z.end_pfn)]
@@ -66,7 +69,7 @@ def span_leaks(zones, blocks, page_size, ts_ns):
                 continue
             stray = [b for b in blocks.blocks
                      if b.index * per_block < hi and (b.index + 1) * per_block > lo
-                     and b.node in (None, z.node) and not _online_in(b, z)]
+                     and b.node in (None, z.node) and not _online_in(b, z, per_block)]
             if stray:
                 lo = max(lo, stray[0].index * per_block)
                 hi = min(hi, (stray[-1].index + 1) * per_block)
