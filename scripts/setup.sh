@@ -63,6 +63,8 @@ stamp=$venv/.installed-$(sha256sum "$top/pyproject.toml" | cut -c1-16)
 if [ ! -x "$venv/bin/python" ] || [ ! -e "$stamp" ] || ! "$venv/bin/python" -c 'import bcc, observer' 2>/dev/null; then
   say "creating venv $venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
+  # (this machine's pip config names local indexes that may be absent: drop those warnings only)
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]" 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" || true; }
   rm -f "$venv"/.installed-*; touch "$stamp"
 fi
