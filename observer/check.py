@@ -2,10 +2,12 @@
 reconcile of the daemon. Pure: a Snapshot in, Anomaly records out.
 
 The kernel's rules these encode (kernel-reference.md §4, §5):
-- A zone's span may cover holes with no memory block (the PCI hole below 4 GiB), and offlining a
-  block in the middle of a zone never shrinks it; since 5.5 offlining shrinks the span at its
-  edges. So a span leak is a part of the span beyond the hull of the blocks online in that zone
-  that reaches memory blocks which exist but are not online there.
+- A zone's span may cover holes with no memory block (the PCI hole below 4 GiB, a pmem range
+  at 4 GiB), zones may overlap (a kmem range onlined Movable inside Normal's boot span), and
+  offlining a block in the middle of a zone never shrinks it. Since 5.5 offlining at an edge
+  moves the edge to the zone's next online pfn. So a span leak is a span whose edge lies on a
+  memory block that exists but is not online in that zone; the leak reaches from that edge to
+  the zone's nearest online block.
 - Hot-added memory that is present but offline is normal (Debian 6.1 leaves it offline).
 - Every memory block is System RAM, so a System RAM resource with no block under it outlived its
   memory (resource_leak) and an online block under no System RAM lost its resource.
@@ -49,6 +51,7 @@ def _online_in(block, zone, per_block):
 
 def span_leaks(zones, blocks, page_size, ts_ns):
     per_block = blocks.block_size // page_size
+    by_index = {b.index: b for b in blocks.blocks}
     out = []
     for z in zones:
         if z.name == DEVICE_ZONE or z.spanned == 0:
@@ -60,25 +63,39 @@ def span_leaks(zones, blocks, page_size, ts_ns):
                                        f"with no page present in it",
                                evidence=[_zone_evidence(z)]))
             continue
-        mine = [b for b in blocks.blocks if _online_in(b, z, per_block)]
-        hull = (mine[0].index * per_block, (mine[-1].index + 1) * per_block) if mine else None
-        excess = [(z.start_pfn, z.end_pfn)] if hull is None else \
-            [(z.start_pfn, min(z.end_pfn, hull[0])), (max(z.start_pfn, hull[1]), z.end_pfn)]
-        for lo, hi in excess:
-            if lo >= hi:
-                continue
-            stray = [b for b in blocks.blocks
-                     if b.index * per_block < hi and (b.index + 1) * per_block > lo
-                     and b.node in (None, z.node) and not _online_in(b, z, per_block)]
-            if stray:
-                lo = max(lo, stray[0].index * per_block)
-                hi = min(hi, (stray[-1].index + 1) * per_block)
-                out.append(Anomaly(
-                    "zone_span_leak", ts_ns=ts_ns, node=z.node, zone=z.name, start_pfn=lo,
-                    end_pfn=hi,
-                    message=f"zone {z.name} of node {z.node} spans pfn {lo:#x}-{hi:#x}, beyond "
-                            f"its online memory, over {len(stray)} memory block(s) not online in it",
-                    evidence=[_zone_evidence(z)] + [_block_evidence(b) for b in stray[:4]]))
+        first, last = z.start_pfn // per_block, (z.end_pfn - 1) // per_block
+
+        def stray(i):
+            b = by_index.get(i)
+            return b is not None and b.node in (None, z.node) and not _online_in(b, z, per_block)
+
+        def inside(i):
+            b = by_index.get(i)
+            return b is not None and _online_in(b, z, per_block)
+
+        # Since 5.5 offlining at an edge moves the edge to the zone's next online pfn
+        # (shrink_zone_span, kernel-reference.md §5.1): an edge may lie in a hole (a boot span),
+        # never on memory that exists but is not online in the zone.
+        runs = []
+        if stray(first):
+            i = first
+            while i <= last and not inside(i):
+                i += 1
+            runs.append((z.start_pfn, min(z.end_pfn, i * per_block)))
+        if stray(last) and not (runs and runs[0][1] == z.end_pfn):
+            i = last
+            while i >= first and not inside(i):
+                i -= 1
+            runs.append((max(z.start_pfn, (i + 1) * per_block), z.end_pfn))
+        for lo, hi in runs:
+            strays = [by_index[i] for i in range(lo // per_block, (hi - 1) // per_block + 1)
+                      if stray(i)]
+            out.append(Anomaly(
+                "zone_span_leak", ts_ns=ts_ns, node=z.node, zone=z.name, start_pfn=lo, end_pfn=hi,
+                message=f"zone {z.name} of node {z.node} spans pfn {lo:#x}-{hi:#x} at its "
+                        f"{'start' if lo == z.start_pfn else 'end'}, over {len(strays)} memory "
+                        f"block(s) not online in it: the span did not shrink",
+                evidence=[_zone_evidence(z)] + [_block_evidence(b) for b in strays[:4]]))
     return out
 
 
