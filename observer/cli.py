@@ -13,6 +13,7 @@ EPILOG = """examples:
   memhp-observer snapshot --root tests/fixtures/host-bookworm
   memhp-observer check                       invariants of this host's views (exit 1 on critical)
   memhp-observer run --listen 127.0.0.1:9477  the daemon; curl -s localhost:9477/metrics
+  memhp-observer lab --scenario kmem         boot a 6.1 guest, run the kmem scenario
   memhp-observer capture -o /tmp/views       copy this host's views into a fixture tree
 """
 
@@ -69,6 +70,37 @@ def cmd_run(args):
     return daemon.run(host, port, root=args.root, interval=args.reconcile_interval)
 
 
+def cmd_lab(args):
+    from .lab import session
+    from .lab.guest import LabError
+    from .lab.kernels import LabSetupError
+    from .lab.scenarios import SCENARIOS
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:<14} {s.what}")
+        return 0
+    names = args.scenario or list(SCENARIOS)
+    try:
+        summary = session.run(args.results, names, release=args.kernel)
+    except (LabError, LabSetupError) as e:
+        print(f"memhp-observer lab: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"memhp-observer lab: interrupted; guest stopped, console in "
+              f"{args.results}/console.log", file=sys.stderr)
+        return 130
+    bad = {k: v for k, v in summary["checks"].items() if v}
+    for name, sc in summary["scenarios"].items():
+        print(f"{name}: {len(sc['steps'])} steps in {sc['seconds']} s")
+    for capture, anomalies in bad.items():
+        for a in anomalies:
+            print(f"{capture}: {a['severity']} {a['kind']}: {a['message']}")
+    print(f"kernel {summary['kernel']}: boot {summary['boot_seconds']} s, session "
+          f"{summary['seconds']} s, {len(summary['checks'])} captures, "
+          f"{'all clean' if not bad else f'{len(bad)} with anomalies'}; results in {args.results}")
+    return 1 if bad else 0
+
+
 def cmd_capture(args):
     from .capture import capture
     n = capture(args.output, args.root)
@@ -102,6 +134,17 @@ def build_parser():
                    help="seconds between reads of the kernel views (default 10)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
+
+    lab = sub.add_parser("lab", help="boot a Debian kernel under QEMU/TCG and drive hotplug "
+                                     "scenarios in it, capturing the views around every step")
+    lab.add_argument("--kernel", metavar="RELEASE",
+                     help="kernel release in the lab cache (default: the newest 6.1)")
+    lab.add_argument("--results", default="/tmp/memhp-lab", metavar="DIR",
+                     help="results directory, shared read-write with the guest (default /tmp/memhp-lab)")
+    lab.add_argument("--scenario", action="append", metavar="NAME",
+                     help="run this scenario (repeatable; default: all, in one boot)")
+    lab.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    lab.set_defaults(func=cmd_lab)
 
     c = sub.add_parser("capture", help="copy the kernel views into a directory (fixtures, bug reports)")
     c.add_argument("-o", "--output", required=True)

@@ -4,6 +4,7 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 start=$(date +%s)
 bash "$top/scripts/setup.sh"
+bash "$top/scripts/setup-lab.sh"
 echo "test: set-up took $(( $(date +%s) - start )) s" >&2
 cd "$top"
 exec .venv/bin/python -m pytest -q "$@"

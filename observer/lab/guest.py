@@ -1,0 +1,191 @@
+"""Host side of one lab guest: boot a Debian kernel under QEMU/TCG with virtme-ng, run commands
+in it through the agent, talk QMP, capture the kernel's views, and always leave no QEMU behind.
+
+Bounds: one guest at a time (a lock in the cache), 4 GiB of boot RAM plus hot-pluggable slots,
+the whole guest under `timeout`, each command under its own timeout."""
+
+import fcntl
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+from . import kernels
+from .marker import CMDLINE_KEY, TOKEN_FILE
+from .qmp import QMP
+
+BOOT_MEMORY = "4G"
+MAX_MEMORY = "8G"       # room for what scenarios hot-add (pc-dimm, virtio-mem)
+PMEM = "memmap=512M!4G"  # legacy pmem inside the RAM QEMU puts above 4 GiB (nd_e820)
+
+
+class LabError(Exception):
+    pass
+
+
+def _say(msg):
+    print(f"lab: {msg}", file=sys.stderr, flush=True)
+
+
+class Guest:
+    def __init__(self, results, release=None, append=(), qemu_opts=(), boot_timeout=300,
+                 guest_timeout=2400, progress=_say):
+        self.results = os.path.abspath(results)
+        self.release, self.vmlinuz = kernels.find_kernel(release)
+        self.vng = kernels.vng_path()
+        self.append = list(append)
+        self.qemu_opts = list(qemu_opts)
+        self.boot_timeout = boot_timeout
+        self.guest_timeout = guest_timeout
+        self.say = progress
+        self.proc = None
+        self.lock = None
+        self.n = 0
+        self._qmp = None
+        self.qmp_path = os.path.join(self.results, "qmp.sock")
+        self.console = os.path.join(self.results, "console.log")
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def __enter__(self):
+        self._take_lock()
+        try:
+            self.boot()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _take_lock(self):
+        os.makedirs(kernels.CACHE, exist_ok=True)
+        self.lock = open(os.path.join(kernels.CACHE, "lab.lock"), "a+")
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "?"
+            self.lock.close()
+            self.lock = None
+            raise LabError(f"another lab guest is running (pid {holder}): one guest at a time")
+        self.lock.truncate(0)
+        self.lock.write(str(os.getpid()))
+        self.lock.flush()
+
+    def boot(self):
+        os.makedirs(os.path.join(self.results, "cmd"), exist_ok=True)
+        for stale in ("ready", "qmp.sock"):
+            if os.path.exists(os.path.join(self.results, stale)):
+                os.unlink(os.path.join(self.results, stale))
+        token = secrets.token_hex(8)
+        with open(os.path.join(self.results, TOKEN_FILE), "w") as f:
+            f.write(token + "\n")
+        append = [PMEM, f"{CMDLINE_KEY}={token}"] + self.append
+        qemu = [f"-m {BOOT_MEMORY},slots=4,maxmem={MAX_MEMORY}",
+                f"-qmp unix:{self.qmp_path},server=on,wait=off"] + self.qemu_opts
+        # --disable-kvm always: KVM hangs on these machines. --verbose keeps the kernel console.
+        # Options for QEMU starting with '-' go as one --qemu-opts=... argument.
+        cmd = ["timeout", "--kill-after=10", str(self.guest_timeout), self.vng,
+               "--run", self.vmlinuz, "--disable-kvm", "--disable-microvm", "--verbose",
+               "--memory", BOOT_MEMORY, "--append", " ".join(append), "--rwdir", self.results,
+               f"--qemu-opts={' '.join(qemu)}", "--",
+               sys.executable, "-m", "observer.lab.agent", self.results]
+        env = dict(os.environ, PATH=os.path.dirname(self.vng) + ":" + os.environ.get("PATH", ""))
+        self.say(f"booting {self.release} under TCG (console: {self.console})")
+        began = time.monotonic()
+        with open(self.console, "w") as console:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console,
+                                         stderr=subprocess.STDOUT, env=env, cwd=self.results,
+                                         start_new_session=True)
+        ready = os.path.join(self.results, "ready")
+        while not os.path.exists(ready):
+            self._alive_or_raise("during boot")
+            if time.monotonic() - began > self.boot_timeout:
+                raise LabError(f"guest not ready after {self.boot_timeout} s; console: {self.console}")
+            time.sleep(0.2)
+        with open(ready) as f:
+            booted = json.load(f)["kernel"]
+        self.say(f"guest {booted} ready in {time.monotonic() - began:.0f} s")
+        self.boot_seconds = time.monotonic() - began
+
+    def close(self):
+        """Ask the agent to power off; then make sure no process of the guest is left."""
+        if self._qmp:
+            self._qmp.close()
+            self._qmp = None
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self._request({"exit": True}, timeout=20)
+                self.proc.wait(timeout=60)
+            except (LabError, subprocess.TimeoutExpired):
+                pass
+            if self.proc.poll() is None:
+                self.say("guest did not power off: killing it")
+            self._kill()
+        if self.lock:
+            self.lock.close()
+            self.lock = None
+
+    def _kill(self):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc.wait()
+
+    def _alive_or_raise(self, when):
+        if self.proc.poll() is not None:
+            tail = ""
+            try:
+                with open(self.console, errors="replace") as f:
+                    tail = "".join(f.readlines()[-15:])
+            except OSError:
+                pass
+            raise LabError(f"guest exited (rc {self.proc.returncode}) {when}; console "
+                           f"{self.console} ends:\n{tail}")
+
+    # -- talking to the guest ---------------------------------------------------------------
+    def _request(self, req, timeout):
+        self.n += 1
+        cmd = os.path.join(self.results, "cmd")
+        path = os.path.join(cmd, f"{self.n}.req")
+        with open(path + ".tmp", "w") as f:
+            json.dump(req, f)
+        os.rename(path + ".tmp", path)
+        res = os.path.join(cmd, f"{self.n}.res")
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(res):
+            self._alive_or_raise(f"while running request {self.n} {req}")
+            if time.monotonic() > deadline:
+                raise LabError(f"no answer to request {self.n} {req} after {timeout} s")
+            time.sleep(0.05)
+        with open(res) as f:
+            return json.load(f)
+
+    def sh(self, command, timeout=120, check=True):
+        """Run a shell command in the guest: {"rc", "out", "err", "seconds"}."""
+        res = self._request({"sh": command, "timeout": timeout}, timeout + 30)
+        if check and res["rc"] != 0:
+            raise LabError(f"guest command failed (rc {res['rc']}): {command}\n{res['err'][-2000:]}")
+        return res
+
+    def capture(self, name):
+        """The kernel's views, now, into RESULTS/captures/NAME (a tree the readers accept)."""
+        self._request({"capture": name}, 120)
+        return os.path.join(self.results, "captures", name)
+
+    @property
+    def qmp(self):
+        if self._qmp is None:
+            self._qmp = QMP(self.qmp_path)
+        return self._qmp

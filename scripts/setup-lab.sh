@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
+# usage: setup-lab.sh [KERNEL_RELEASE]   (default: the newest Debian bookworm 6.1, e.g. 6.1.0-57-amd64)
+# Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod; puts virtme-ng and the guest
+# kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
+# kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
+set -euo pipefail
+cache=${MEMHP_LAB_CACHE:-/opt/memhp-lab}   # not under /var/cache: virtme-ng hides that in the guest
+min_free_mb=3072
+say() { echo "setup-lab: $*" >&2; }
+[ "$(id -u)" = 0 ] || { say "must run as root"; exit 1; }
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
+mkdir -p "$cache"
+free_mb=$(df -Pm "$cache" | awk 'NR==2{print $4}')
+if [ "$free_mb" -lt "$min_free_mb" ]; then
+  say "only ${free_mb} MiB free on $(df -P "$cache" | awk 'NR==2{print $6}'); the lab needs ${min_free_mb} MiB. Free some space (or trim $cache/kernels) and retry."
+  exit 1
+fi
+
+missing=()
+for p in qemu-system-x86 busybox-static ndctl daxctl kmod; do installed "$p" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# vng runs `virtme-run` by name: the lab puts this venv's bin on PATH.
+if [ ! -x "$cache/vng/bin/vng" ]; then
+  say "installing virtme-ng into $cache/vng"
+  /usr/bin/python3 -m venv "$cache/vng"
+  "$cache/vng/bin/pip" install -q --disable-pip-version-check virtme-ng 2>&1 \
+    | { grep -v "^WARNING: Location 'file:" || true; }
+fi
+
+# Bookworm's packages, through a private apt configuration when this machine runs another suite
+# (DESIGN.md §5): the host itself never switches suites.
+apt_opts=()
+. /etc/os-release
+if [ "${VERSION_CODENAME:-}" != bookworm ]; then
+  conf=$cache/apt
+  if [ ! -e "$conf/lists/lock" ] || [ -n "$(find "$conf/lists" -maxdepth 0 -mmin +1440)" ]; then
+    mkdir -p "$conf/sources.list.d" "$conf/lists/partial"
+    src=/etc/apt/sources.list.d/debian.sources
+    [ -e "$src" ] || { say "no $src to derive bookworm's sources from"; exit 1; }
+    sed -E "/^Suites:/s/\b${VERSION_CODENAME}\b/bookworm/g" "$src" > "$conf/sources.list.d/bookworm.sources"
+    apt_opts=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$conf/sources.list.d"
+              -o Dir::State::Lists="$conf/lists")
+    say "apt update for bookworm (private configuration in $conf)"
+    apt-get "${apt_opts[@]}" update -qq
+  fi
+  apt_opts=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$conf/sources.list.d"
+            -o Dir::State::Lists="$conf/lists")
+fi
+
+release=${1:-}
+if [ -z "$release" ]; then
+  # the ABI number moves between weeks (6.1.0-56 -> -57): look it up, never write it down
+  release=$(apt-cache "${apt_opts[@]}" search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
+            | awk '{print $1}' | sort -V | tail -1 | sed 's/^linux-image-//')
+  if [ -z "$release" ]; then
+    apt-get "${apt_opts[@]}" update -qq
+    release=$(apt-cache "${apt_opts[@]}" search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
+              | awk '{print $1}' | sort -V | tail -1 | sed 's/^linux-image-//')
+  fi
+  [ -n "$release" ] || { say "no linux-image-6.1.0-*-amd64 in the apt sources"; exit 1; }
+fi
+
+kdir=$cache/kernels/$release
+if [ ! -e "$kdir/.complete" ]; then
+  say "fetching Debian kernel $release into $kdir"
+  rm -rf "$kdir" && mkdir -p "$kdir/debs"
+  common=$(apt-cache "${apt_opts[@]}" depends "linux-headers-$release" 2>/dev/null \
+           | awk '/Depends: linux-headers-.*-common/{print $2; exit}')
+  (cd "$kdir/debs" && apt-get "${apt_opts[@]}" download -qq "linux-image-$release" \
+     "linux-headers-$release" ${common:+"$common"} 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+  ls "$kdir"/debs/linux-image-*.deb >/dev/null 2>&1 || { say "download of linux-image-$release failed"; exit 1; }
+  for deb in "$kdir"/debs/*.deb; do dpkg -x "$deb" "$kdir"; done
+  rm -rf "$kdir/debs"      # keep the cache bounded: the unpacked tree is all the lab needs
+  # the packages' build/source links are absolute (/usr/src/...): point them into the cache
+  hdr=$(ls -d "$kdir"/usr/src/linux-headers-"$release" 2>/dev/null || true)
+  if [ -n "$hdr" ]; then
+    ln -sfn "$hdr" "$kdir/lib/modules/$release/build"
+    src=$(ls -d "$kdir"/usr/src/linux-headers-*-common 2>/dev/null | head -1)
+    [ -n "$src" ] && ln -sfn "$src" "$kdir/lib/modules/$release/source"
+  fi
+  depmod -b "$kdir" "$release"
+  touch "$kdir/.complete"
+fi
+
+# /lib/modules/RELEASE may already hold a build link from an installed headers package: link
+# each entry that is missing rather than replacing the directory.
+mkdir -p "/lib/modules/$release"
+for entry in "$kdir/lib/modules/$release"/*; do
+  name=$(basename "$entry")
+  [ -e "/lib/modules/$release/$name" ] || ln -sfn "$entry" "/lib/modules/$release/$name"
+done
+say "kernel $release ready ($(du -sh "$cache" | cut -f1) in $cache)"
