@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
 # usage: setup-lab.sh [KERNEL_RELEASE]   (default: the newest Debian bookworm 6.1, e.g. 6.1.0-57-amd64)
-# Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod; puts virtme-ng and the guest
+# Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
 # kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
 set -euo pipefail
@@ -19,7 +19,7 @@ if [ "$free_mb" -lt "$min_free_mb" ]; then
 fi
 
 missing=()
-for p in qemu-system-x86 busybox-static ndctl daxctl kmod; do installed "$p" || missing+=("$p"); done
+for p in qemu-system-x86 busybox-static ndctl daxctl kmod bc; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt-get update -qq
@@ -96,4 +96,21 @@ for entry in "$kdir/lib/modules/$release"/*; do
   name=$(basename "$entry")
   [ -e "/lib/modules/$release/$name" ] || ln -sfn "$entry" "/lib/modules/$release/$name"
 done
+# The kernel's own memory-hotplug selftest, taken from Debian's linux-source package: only that
+# one folder is extracted (never a whole source tree), and nothing of it is committed.
+series=$(echo "$release" | cut -d. -f1,2)
+selftest=$cache/selftests/$series/memory-hotplug
+if [ ! -e "$selftest/mem-on-off-test.sh" ]; then
+  say "extracting tools/testing/selftests/memory-hotplug from linux-source-$series"
+  tmp=$cache/selftests/tmp && rm -rf "$tmp" && mkdir -p "$tmp"
+  (cd "$tmp" && apt-get "${apt_opts[@]}" download -qq "linux-source-$series" 2>&1 \
+     | grep -v "^W: Download is performed unsandboxed" || true)
+  dpkg-deb --fsys-tarfile "$tmp"/linux-source-*.deb \
+    | tar -xO "./usr/src/linux-source-$series.tar.xz" \
+    | tar -xJ -C "$tmp" --wildcards "linux-source-$series/tools/testing/selftests/memory-hotplug/*"
+  mkdir -p "$(dirname "$selftest")"
+  mv "$tmp/linux-source-$series/tools/testing/selftests/memory-hotplug" "$selftest"
+  rm -rf "$tmp"
+fi
+
 say "kernel $release ready ($(du -sh "$cache" | cut -f1) in $cache)"

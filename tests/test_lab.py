@@ -14,6 +14,7 @@ import pytest
 from observer import snapshot
 from observer.lab import kernels, session
 from observer.lab.guest import Guest, LabError
+from observer.lab.scenarios import DIMM_SIZE, SCENARIOS, VIRTIO_MEM_SIZE
 from observer.views import iomem
 
 EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
@@ -23,12 +24,32 @@ EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
 def lab(tmp_path_factory):
     # under /tmp: the guest sees the host's /tmp through --rwdir
     results = str(tmp_path_factory.mktemp("lab"))
-    summary = session.run(results, ["kmem"])
+    summary = session.run(results, list(SCENARIOS))
     return results, summary
 
 
 def view(results, scenario, step):
-    return snapshot.take(os.path.join(results, "captures", scenario, step))
+    """The capture after the named step ("start": before the first step)."""
+    d = os.path.join(results, "captures", scenario)
+    [name] = [n for n in os.listdir(d) if n.split("-", 1)[1] == step]
+    return snapshot.take(os.path.join(d, name))
+
+
+def steps(results, scenario):
+    with open(os.path.join(results, "steps.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if r["scenario"] == scenario}
+
+
+def zone(snap, name):
+    return [z for z in snap.zones if z.name == name][0]
+
+
+def resources(snap, name):
+    return [(r, p) for r, p in iomem.walk(snap.resources) if r.name == name]
+
+
+def block_range(snap, first, last):
+    return [b for b in snap.blocks.blocks if first <= b.index <= last]
 
 
 def kmem_ram(snap):
@@ -49,41 +70,131 @@ def qemu_of(results):
 def test_every_capture_checks_clean(lab):
     results, summary = lab
     assert summary["kernel"].startswith("6.1.")
-    assert len(summary["checks"]) == 7
+    assert set(summary["scenarios"]) == set(SCENARIOS)
+    # one capture before each scenario and one after each of its steps
+    assert len(summary["checks"]) == sum(len(s.steps) + 1 for s in SCENARIOS.values())
     assert {k: v for k, v in summary["checks"].items() if v} == {}
 
 
 def test_kmem_system_ram_appears_offline_then_online_then_goes(lab):
     results, _ = lab
-    assert kmem_ram(view(results, "kmem", "02-devdax")) == []
-    added = view(results, "kmem", "03-system-ram")
+    assert kmem_ram(view(results, "kmem", "devdax")) == []
+    added = view(results, "kmem", "system-ram")
     [(res, parent)] = kmem_ram(added)
     assert parent.name == "dax0.0" and iomem.resource_type(parent, None) == "driver_parent"
     new = blocks_in(added, res)
     assert len(new) == res.size // added.blocks.block_size and new
     assert {b.state for b in new} == {"offline"}          # Debian 6.1: hot-added memory stays offline
-    online = view(results, "kmem", "04-online")
+    online = view(results, "kmem", "online")
     assert {blocks_in(online, res)[0].state} == {"online"}
     assert all(b.zone == "Movable" for b in blocks_in(online, res))
-    movable = [z for z in online.zones if z.name == "Movable"][0]
-    assert movable.present == res.size // 4096
-    offline = view(results, "kmem", "05-offline")
+    start = view(results, "kmem", "start")
+    assert zone(online, "Movable").present == zone(start, "Movable").present + res.size // 4096
+    assert zone(online, "Movable").start_pfn == res.start // 4096   # grew down over the kmem range
+    offline = view(results, "kmem", "offline")
     assert {b.state for b in blocks_in(offline, res)} == {"offline"}
-    assert [z for z in offline.zones if z.name == "Movable"][0].spanned == 0  # shrank at offline
-    gone = view(results, "kmem", "06-devdax-again")
+    span = lambda z: (z.start_pfn, z.spanned, z.present)
+    assert span(zone(offline, "Movable")) == span(zone(start, "Movable"))  # shrank back at offline
+    gone = view(results, "kmem", "devdax-again")
     assert kmem_ram(gone) == [] and blocks_in(gone, res) == []
-    assert len(gone.blocks.blocks) == len(view(results, "kmem", "00-start").blocks.blocks)
+    assert len(gone.blocks.blocks) == len(start.blocks.blocks)
 
 
 def test_steps_are_recorded_with_the_tools_own_json(lab):
     results, _ = lab
+    assert json.loads(steps(results, "kmem")["devdax"]["out"])["mode"] == "devdax"
     with open(os.path.join(results, "steps.jsonl")) as f:
-        steps = [json.loads(l) for l in f]
-    devdax = [s for s in steps if s["step"] == "devdax"][0]
-    assert json.loads(devdax["out"])["mode"] == "devdax"
-    assert all(s["rc"] == 0 for s in steps)
+        assert all(json.loads(l).get("rc", 0) == 0 for l in f)
     with open(os.path.join(results, "captures/kmem/03-system-ram/dmesg.txt")) as f:
         assert f.read().strip()
+
+
+def test_fsdax_then_devdax_zone_device(lab):
+    results, _ = lab
+    done = steps(results, "fsdax")
+    ns = {k: json.loads(done[k]["out"]) for k in ("fsdax", "fsdax-raw", "devdax", "devdax-raw")}
+    # ndctl names a raw legacy namespace "fsdax" with map "mem" and no info block (no uuid, the
+    # whole 512 MiB); a real fsdax/devdax one has map "dev" (pages in pmem) and a uuid
+    assert [(n["mode"], n["map"], "uuid" in n) for n in ns.values()] == [
+        ("fsdax", "dev", True), ("fsdax", "mem", False), ("devdax", "dev", True), ("fsdax", "mem", False)]
+    assert ns["fsdax-raw"]["size"] == ns["devdax-raw"]["size"] == 512 << 20
+    start, fsdax = view(results, "fsdax", "start"), view(results, "fsdax", "fsdax")
+    # devm_memremap_pages put the namespace's pages in ZONE_DEVICE; the span never shrinks (5.5+)
+    assert zone(fsdax, "Device").spanned > 0 and zone(fsdax, "Device").present == 0
+    for step in ("fsdax-raw", "devdax", "devdax-raw"):
+        assert zone(view(results, "fsdax", step), "Device").spanned >= zone(fsdax, "Device").spanned
+    assert len(fsdax.blocks.blocks) == len(start.blocks.blocks)   # ZONE_DEVICE makes no blocks
+    assert resources(view(results, "fsdax", "devdax"), "dax0.0")
+    assert resources(view(results, "fsdax", "devdax-raw"), "dax0.0") == []
+
+
+def test_dimm_adds_its_blocks_and_removes_them(lab):
+    results, _ = lab
+    done = steps(results, "dimm")
+    addr = int(done["device-add"]["dimm_addr"])
+    size = view(results, "dimm", "start").blocks.block_size
+    first, last = addr // size, (addr + DIMM_SIZE) // size - 1
+    assert done["added"]["saved"]["dimm_blocks"].split() == [str(i) for i in range(first, last + 1)]
+    before, added = view(results, "dimm", "start"), view(results, "dimm", "added")
+    new = sorted({b.index for b in added.blocks.blocks} - {b.index for b in before.blocks.blocks})
+    assert new == list(range(first, last + 1)) and len(new) == DIMM_SIZE // size   # exactly these
+    assert {b.state for b in block_range(added, first, last)} == {"offline"}
+    assert [(r.start, r.end) for r, p in resources(added, "System RAM") if p is None and r.start == addr] \
+        == [(addr, addr + DIMM_SIZE - 1)]                  # ACPI hot-add: plain System RAM
+    online = view(results, "dimm", "online-movable")
+    assert {(b.state, b.zone) for b in block_range(online, first, last)} == {("online", "Movable")}
+    assert zone(online, "Movable").end_pfn == (addr + DIMM_SIZE) // 4096
+    offline = view(results, "dimm", "offline")
+    assert {b.state for b in block_range(offline, first, last)} == {"offline"}
+    assert zone(offline, "Movable").end_pfn == zone(before, "Movable").end_pfn   # shrank at offline
+    gone = view(results, "dimm", "device-del")
+    assert block_range(gone, first, last) == []
+    assert [r for r, p in resources(gone, "System RAM") if r.start == addr] == []
+
+
+def test_virtio_mem_grows_and_shrinks(lab):
+    results, _ = lab
+    grown, shrunk = view(results, "virtio-mem", "grow"), view(results, "virtio-mem", "shrink")
+    ram = resources(grown, "System RAM (virtio_mem)")
+    assert sum(r.size for r, _ in ram) == VIRTIO_MEM_SIZE
+    parents = {p.name for _, p in ram}
+    assert len(parents) == 1 and parents.pop().startswith("virtio")
+    size = grown.blocks.block_size
+    blocks = [b for r, _ in ram for b in grown.blocks.blocks if r.start <= b.index * size <= r.end]
+    assert len(blocks) == VIRTIO_MEM_SIZE // size
+    assert {(b.state, b.zone) for b in blocks} == {("online", "Movable")}
+    assert resources(shrunk, "System RAM (virtio_mem)") == []
+    assert not {b.index for b in blocks} & {b.index for b in shrunk.blocks.blocks}
+    # the device region stays while the driver is bound
+    assert [r.name for r, p in iomem.walk(shrunk.resources)
+            if p is None and iomem.resource_type(r, None) == "driver_parent"]
+
+
+def test_offline_at_the_edge_shrinks_the_span_and_in_the_middle_does_not(lab):
+    results, _ = lab
+    size_pages = view(results, "offline-edge", "start").blocks.block_size // 4096
+    edge = int(steps(results, "offline-edge")["offline"]["saved"]["edge"])
+    before, off, on = (zone(view(results, "offline-edge", s), "Movable") for s in ("start", "offline", "online"))
+    assert edge * size_pages in (before.start_pfn, before.end_pfn - size_pages)
+    assert off.spanned == before.spanned - size_pages and off.present == before.present - size_pages
+    assert (on.start_pfn, on.spanned, on.present) == (before.start_pfn, before.spanned, before.present)
+    middle = int(steps(results, "offline-middle")["offline"]["saved"]["middle"])
+    before, off = (zone(view(results, "offline-middle", s), "Movable") for s in ("start", "offline"))
+    assert before.start_pfn < middle * size_pages < before.end_pfn - size_pages
+    assert (off.start_pfn, off.spanned) == (before.start_pfn, before.spanned)
+    assert off.present == before.present - size_pages
+
+
+def test_stress_and_the_kernel_selftest_leave_every_block_online(lab):
+    results, _ = lab
+    out = steps(results, "stress")["random"]["out"]
+    assert int(out.split("cycles=")[1].split()[0]) >= 1
+    for scenario, step in (("stress", "random"), ("selftest", "mem-on-off-test")):
+        after = view(results, scenario, step)
+        assert {b.state for b in after.blocks.blocks} == {"online"}
+    selftest = steps(results, "selftest")["mem-on-off-test"]
+    assert selftest["rc"] == 0 and "Test with memory notifier error injection" in selftest["out"]
+    assert os.path.exists(os.path.join(results, "memory-hotplug", "mem-on-off-test.sh"))
 
 
 def test_agent_refuses_outside_a_lab_guest(tmp_path):

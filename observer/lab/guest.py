@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 from . import kernels
@@ -181,8 +182,13 @@ class Guest:
 
     def capture(self, name):
         """The kernel's views, now, into RESULTS/captures/NAME (a tree the readers accept)."""
-        self._request({"capture": name}, 120)
-        return os.path.join(self.results, "captures", name)
+        res = self._request({"capture": name}, 120)
+        tar = os.path.join(self.results, res["tar"])
+        out = os.path.join(self.results, "captures", name)
+        with tarfile.open(tar) as t:
+            t.extractall(out)
+        os.unlink(tar)
+        return out
 
     @property
     def qmp(self):

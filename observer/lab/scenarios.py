@@ -2,15 +2,19 @@
 views after every step (and once before the first), so the truth before and after each step is
 on disk: captures/SCENARIO/NN-STEP/ is the state after step NN (00-start: before step 01).
 
-A step runs a shell command in the guest (`sh`) or a QMP command on the host (`qmp`), then may
-wait until a guest shell condition holds (`until`), for hotplug that completes asynchronously."""
+A step runs a shell command in the guest (`sh`) and/or a QMP command on the host (`qmp`), then
+may wait until a guest shell condition holds (`until`), for hotplug that completes
+asynchronously. `sh` and `until` may name values an earlier step saved ({name}): a step with
+`save` keeps the last line of its output under that name (which blocks a DIMM added, say)."""
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import kernels
 from .guest import LabError
 
 # The guest's dax/pmem stack (Debian builds them as modules); nd_e820 turns memmap= into a region.
@@ -18,6 +22,33 @@ PMEM_MODULES = "for m in nd_e820 nd_pmem dax_pmem device_dax kmem; do modprobe $
 # Debian 6.1 leaves hot-added blocks offline; 6.12 onlines them, and daxctl then refuses to
 # reconfigure: pin the policy to offline (in the guest only) so every kernel behaves alike.
 OFFLINE_POLICY = "echo offline > /sys/devices/system/memory/auto_online_blocks"
+MEM = "/sys/devices/system/memory"
+BLOCK_SIZE = f"$((0x$(cat {MEM}/block_size_bytes)))"
+# Blocks online in Movable, ascending (boot Movable comes from movablecore= on the guest's cmdline)
+MOVABLE_BLOCKS = (f"for m in {MEM}/memory*; do [ \"$(cat $m/state) $(cat $m/valid_zones)\" = "
+                  f"'online Movable' ] && echo ${{m##*memory}}; done | sort -n")
+DIMM_SIZE = 512 << 20
+VIRTIO_MEM_SIZE = 1 << 30
+# Bytes of "System RAM (virtio_mem)" in /proc/iomem, into $s
+VIRTIO_MEM_BYTES = ("s=0; for r in $(grep 'System RAM (virtio_mem)' /proc/iomem | "
+                    "grep -o '[0-9a-f]*-[0-9a-f]*'); do s=$((s + 0x${r#*-} - 0x${r%-*} + 1)); done")
+# Blocks from the first address QEMU gave the DIMM ({dimm_addr}, decimal) for DIMM_SIZE
+DIMM_BLOCKS = f"seq $(({{dimm_addr}} / {BLOCK_SIZE})) $((({{dimm_addr}} + {DIMM_SIZE}) / {BLOCK_SIZE} - 1))"
+
+
+# The one guest every scenario runs in: boot Movable memory for offline-edge/-middle/stress, and
+# an empty virtio-mem device (its 1 GiB appears only when the virtio-mem scenario asks).
+GUEST_APPEND = ["movablecore=512M"]
+GUEST_QEMU = [f"-object memory-backend-ram,id=vmem0,size={1 << 30}",
+              "-device virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"]
+
+
+def _offline_one(candidates):
+    """Shell that offlines the first of the candidate blocks that will go (a Movable block can
+    be briefly busy: pages pinned for I/O fail to migrate, EBUSY) and prints its number."""
+    return (f"for b in $({candidates}); do for try in 1 2 3; do "
+            f"if echo offline > {MEM}/memory$b/state 2>/dev/null; then echo $b; exit 0; fi; "
+            f"sleep 1; done; done; echo 'no candidate block would go offline' >&2; exit 1")
 
 
 @dataclass
@@ -26,6 +57,7 @@ class Step:
     sh: Optional[str] = None
     qmp: Optional[tuple] = None          # (command, {arguments})
     until: Optional[str] = None          # guest shell condition polled after the step
+    save: Optional[str] = None           # keep the output's last line as {save} for later steps
     timeout: int = 120
     expect_rc: int = 0
 
@@ -47,6 +79,73 @@ SCENARIOS = {s.name: s for s in [
         Step("offline", sh="daxctl offline-memory dax0.0"),
         Step("devdax-again", sh="daxctl reconfigure-device --mode=devdax -f dax0.0"),
     ]),
+    Scenario("fsdax", "ZONE_DEVICE: an fsdax namespace (devm_memremap_pages, FS_DAX), then a "
+                      "devdax one (GENERIC), each torn down to raw", [
+        Step("prepare", sh=PMEM_MODULES),
+        Step("fsdax", sh="ndctl create-namespace -f -e namespace0.0 -m fsdax"),
+        # a legacy memmap= namespace cannot be destroyed: raw is its teardown
+        Step("fsdax-raw", sh="ndctl create-namespace -f -e namespace0.0 -m raw"),
+        Step("devdax", sh="ndctl create-namespace -f -e namespace0.0 -m devdax"),
+        Step("devdax-raw", sh="ndctl create-namespace -f -e namespace0.0 -m raw"),
+    ]),
+    Scenario("dimm", "ACPI pc-dimm: hot-add over QMP, its blocks onlined movable, offlined, "
+                     "device_del", [
+        Step("prepare", sh=OFFLINE_POLICY),
+        Step("object-add", qmp=("object-add", {"qom-type": "memory-backend-ram", "id": "dimm0mem",
+                                               "size": DIMM_SIZE})),
+        # QEMU's address for the DIMM is saved as {dimm_addr}; the guest adds it via ACPI
+        Step("device-add", qmp=("device_add", {"driver": "pc-dimm", "id": "dimm0",
+                                               "memdev": "dimm0mem"}),
+             until=f"[ -e {MEM}/memory$((({{dimm_addr}} + {DIMM_SIZE}) / {BLOCK_SIZE} - 1)) ]"),
+        Step("added", sh=f"for b in $({DIMM_BLOCKS}); do [ -e {MEM}/memory$b ] || exit 1; done; "
+                         f"echo $({DIMM_BLOCKS})", save="dimm_blocks"),
+        Step("online-movable", sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable > "
+                                  f"{MEM}/memory$b/state || exit 1; done"),
+        Step("offline", sh=f"for b in $({DIMM_BLOCKS}); do echo offline > {MEM}/memory$b/state "
+                           f"|| exit 1; done"),
+        Step("device-del", qmp=("device_del", {"id": "dimm0"}),
+             until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
+        Step("object-del", qmp=("object-del", {"id": "dimm0mem"})),
+    ]),
+    Scenario("virtio-mem", "virtio-mem: grow by 1 GiB and shrink to 0 with qom-set "
+                           "requested-size, auto-onlined movable", [
+        # no udev in the guest: the driver is loaded by hand
+        Step("prepare", sh=f"modprobe virtio_mem && echo online_movable > {MEM}/auto_online_blocks"),
+        Step("grow", qmp=("qom-set", {"path": "vm0", "property": "requested-size",
+                                      "value": VIRTIO_MEM_SIZE}),
+             until=f"{VIRTIO_MEM_BYTES} && [ $s -eq {VIRTIO_MEM_SIZE} ] && "
+                   f"! grep -q offline {MEM}/memory*/state"),
+        Step("shrink", qmp=("qom-set", {"path": "vm0", "property": "requested-size", "value": 0}),
+             until="! grep -q 'System RAM (virtio_mem)' /proc/iomem"),
+        Step("restore", sh=OFFLINE_POLICY),
+    ]),
+    Scenario("offline-edge", "offline and online a block at an edge of the boot Movable zone: "
+                             "the span shrinks at the edge and grows back", [
+        Step("offline", sh=_offline_one(f"{MOVABLE_BLOCKS} | sed -n '1p;$p' | tac"), save="edge"),
+        Step("online", sh=f"echo online_movable > {MEM}/memory{{edge}}/state"),
+    ]),
+    Scenario("offline-middle", "offline and online a block inside the boot Movable zone: the span "
+                               "does not change", [
+        Step("offline", sh=_offline_one(f"{MOVABLE_BLOCKS} | sed '1d;$d'"), save="middle"),
+        Step("online", sh=f"echo online_movable > {MEM}/memory{{middle}}/state"),
+    ]),
+    Scenario("stress", "random offline/online of Movable blocks for 20 s", [
+        Step("random", timeout=90, sh=(
+            f"end=$((SECONDS + 20)); ok=0; busy=0; "
+            f"while [ $SECONDS -lt $end ]; do b=$({MOVABLE_BLOCKS} | shuf -n 1); "
+            f"if echo offline > {MEM}/memory$b/state 2>/dev/null; then ok=$((ok+1)); "
+            f"echo online_movable > {MEM}/memory$b/state || exit 1; else busy=$((busy+1)); fi; "
+            f"done; echo cycles=$ok busy=$busy")),
+    ]),
+    Scenario("selftest", "the kernel's own tools/testing/selftests/memory-hotplug/"
+                         "mem-on-off-test.sh (from Debian's linux-source), with notifier error "
+                         "injection", [
+        # copied into the results directory so the run is self-contained
+        Step("mem-on-off-test", timeout=600, sh=(
+            "cp -r {selftests}/memory-hotplug {results}/ && "
+            "{ mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug; } && "
+            "bash {results}/memory-hotplug/mem-on-off-test.sh")),
+    ]),
 ]}
 
 
@@ -54,24 +153,36 @@ def run_scenario(guest, scenario, say=None):
     """Run every step of one scenario; returns the step records (also appended to steps.jsonl)."""
     say = say or guest.say
     records = []
+    series = ".".join(guest.release.split(".")[:2])
+    saved = {"results": guest.results, "selftests": os.path.join(kernels.CACHE, "selftests", series)}
     guest.capture(f"{scenario.name}/00-start")
     for i, step in enumerate(scenario.steps, 1):
         say(f"[{scenario.name}] {i}/{len(scenario.steps)} {step.name}")
         began = time.monotonic()
         rec = {"scenario": scenario.name, "index": i, "step": step.name}
-        if step.sh:
-            res = guest.sh(step.sh, timeout=step.timeout, check=False)
-            rec.update(command=step.sh, rc=res["rc"], out=res["out"], err=res["err"])
-            if res["rc"] != step.expect_rc:
-                _record(guest, rec)
-                raise LabError(f"[{scenario.name}] step {step.name} exited {res['rc']} "
-                               f"(expected {step.expect_rc}): {step.sh}\n{res['err'][-2000:]}")
         if step.qmp:
             command, args = step.qmp
             rec.update(qmp=[command, args], qmp_return=guest.qmp.execute(command, **args))
+            if command == "device_add" and args.get("driver") == "pc-dimm":
+                saved["dimm_addr"] = rec["dimm_addr"] = _dimm_addr(guest, args["id"])
+        if step.sh:
+            sh = _fill(step.sh, saved)
+            res = guest.sh(sh, timeout=step.timeout, check=False)
+            rec.update(command=sh, rc=res["rc"], out=res["out"], err=res["err"])
+            if res["rc"] != step.expect_rc:
+                _record(guest, rec)
+                raise LabError(f"[{scenario.name}] step {step.name} exited {res['rc']} "
+                               f"(expected {step.expect_rc}): {sh}\n{res['err'][-2000:]}")
+            if step.save:
+                lines = res["out"].strip().splitlines()
+                if not lines:
+                    raise LabError(f"[{scenario.name}] step {step.name} printed nothing to save")
+                saved[step.save] = lines[-1].strip()
+                rec["saved"] = {step.save: saved[step.save]}
         if step.until:
+            until = _fill(step.until, saved)
             deadline = time.monotonic() + step.timeout
-            while guest.sh(step.until, check=False)["rc"] != 0:
+            while guest.sh(until, check=False)["rc"] != 0:
                 if time.monotonic() > deadline:
                     raise LabError(f"[{scenario.name}] {step.name}: '{step.until}' still false "
                                    f"after {step.timeout} s")
@@ -82,6 +193,19 @@ def run_scenario(guest, scenario, say=None):
         _record(guest, rec)
         records.append(rec)
     return records
+
+
+def _fill(text, saved):
+    """{name} -> a value an earlier step saved; shell's own ${...} is left alone."""
+    return re.sub(r"\{(\w+)\}", lambda m: saved.get(m.group(1), m.group(0)), text)
+
+
+def _dimm_addr(guest, dimm_id):
+    """The guest-physical address QEMU gave a pc-dimm (decimal), from query-memory-devices."""
+    for dev in guest.qmp.execute("query-memory-devices"):
+        if dev.get("data", {}).get("id") == dimm_id:
+            return str(dev["data"]["addr"])
+    raise LabError(f"QEMU reports no memory device {dimm_id}")
 
 
 def _record(guest, rec):

@@ -8,7 +8,7 @@ import time
 
 from .. import check, snapshot
 from .guest import Guest, LabError
-from .scenarios import SCENARIOS, run_scenario
+from .scenarios import GUEST_APPEND, GUEST_QEMU, SCENARIOS, run_scenario
 
 
 def captures(results):
@@ -38,7 +38,8 @@ def run(results, names, release=None, progress=None):
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         kwargs = {"progress": progress} if progress else {}
-        with Guest(results, release=release, **kwargs) as guest:
+        with Guest(results, release=release, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
+                   **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
             for name in names:
                 t = time.monotonic()

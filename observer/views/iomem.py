@@ -15,6 +15,9 @@ IOMEM = "/proc/iomem"
 _LINE = re.compile(r"^( *)([0-9a-f]+)-([0-9a-f]+) : (.*)$")
 
 SYSTEM_RAM = "System RAM"
+# virtio-mem claims its whole device region at the top level as "virtioN" (virtio-pci BARs
+# nest under their PCI device instead)
+_VIRTIO_MEM_DEVICE = re.compile(r"^virtio\d+$")
 
 
 @dataclass
@@ -107,6 +110,8 @@ def resource_type(res, parent):
         return "system_ram_driver_managed"   # "System RAM (kmem)", "(virtio_mem)", ...
     if any(c.is_driver_managed for c in res.children):
         return "driver_parent"                # daxX.Y, virtioN
+    if parent is None and _VIRTIO_MEM_DEVICE.match(name):
+        return "driver_parent"                # virtio-mem's device region, kept while unplugged
     if name == "Persistent Memory":
         return "persistent_memory"
     if name == "Persistent Memory (legacy)":

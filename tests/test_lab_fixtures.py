@@ -1,0 +1,71 @@
+"""Readers, snapshot and check on the views captured in the lab (tests/fixtures/lab-6.1: every
+capture of one `memhp-observer lab` session on Debian 6.1.0-57, copied from its results
+directory with its steps.jsonl), and on this host's capture."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from conftest import FIXTURES
+from observer import check, snapshot
+from observer.views import iomem
+
+LAB = os.path.join(FIXTURES, "lab-6.1")
+CAPTURES = sorted(glob.glob(os.path.join(LAB, "*", "[0-9][0-9]-*"))) + [os.path.join(FIXTURES, "host-6.18")]
+
+
+def take(scenario, step):
+    [path] = glob.glob(os.path.join(LAB, scenario, f"[0-9][0-9]-{step}"))
+    return snapshot.take(path)
+
+
+def test_the_lab_fixtures_cover_every_scenario_step():
+    with open(os.path.join(LAB, "steps.jsonl")) as f:
+        recorded = [json.loads(l)["capture"] for l in f]
+    scenarios = [d for d in os.listdir(LAB) if os.path.isdir(os.path.join(LAB, d))]
+    lab_captures = [c for c in CAPTURES if c.startswith(LAB)]
+    assert len(lab_captures) == len(recorded) + len(scenarios)   # plus one 00-start each
+    assert all(os.path.isdir(os.path.join(LAB, os.path.relpath(c, "captures"))) for c in recorded)
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda p: os.path.relpath(p, FIXTURES))
+def test_snapshot_and_check_on_every_capture(path):
+    snap = snapshot.take(path)
+    doc = snapshot.to_json(snap)
+    assert doc["summary"]["blocks"] == len(snap.blocks.blocks) > 0
+    assert doc["resources"] is not None and doc["iomem_error"] is None
+    assert check.check(snap, 4096, 0) == []
+
+
+def test_device_zone_spans_pages_it_never_shows_a_start_for():
+    # ZONE_DEVICE pages are never present, so zoneinfo prints no start_pfn; the span stays
+    # after the namespace is gone (never shrinks since 5.5)
+    for step in ("fsdax", "devdax-raw"):
+        dev = [z for z in take("fsdax", step).zones if z.name == "Device"][0]
+        assert (dev.start_pfn, dev.present) == (None, 0) and dev.spanned == (512 << 20) // 4096
+
+
+def test_kmem_resource_tree():
+    snap = take("kmem", "system-ram")
+    [(ram, dax)] = [(r, p) for r, p in iomem.walk(snap.resources) if r.is_driver_managed]
+    assert (ram.name, dax.name) == ("System RAM (kmem)", "dax0.0")
+    [pmem] = [p for r, p in iomem.walk(snap.resources) if r is dax]
+    assert pmem.name == "Persistent Memory (legacy)"
+    types = {r["name"]: r["type"] for r in snapshot.hotplug_resources(snap.resources)}
+    assert types["dax0.0"] == "driver_parent" and types["namespace0.0"] == "device"
+    assert types["System RAM (kmem)"] == "system_ram_driver_managed"
+
+
+def test_offline_hot_added_blocks_list_their_candidate_zones():
+    snap = take("dimm", "added")
+    new = [b for b in snap.blocks.blocks if b.state == "offline"]
+    assert len(new) == 4 and all(b.valid_zones == ("Normal", "Movable") and b.zone is None for b in new)
+
+
+def test_virtio_mem_device_region_is_a_driver_parent_even_when_empty():
+    for step, children in (("grow", 1), ("shrink", 0)):
+        snap = take("virtio-mem", step)
+        [dev] = [r for r, p in iomem.walk(snap.resources) if p is None and r.name.startswith("virtio")]
+        assert iomem.resource_type(dev, None) == "driver_parent" and len(dev.children) == children
