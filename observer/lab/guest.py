@@ -20,6 +20,7 @@ from .qmp import QMP
 
 BOOT_MEMORY = "4G"
 MAX_MEMORY = "8G"       # room for what scenarios hot-add (pc-dimm, virtio-mem)
+PROGRESS_SECONDS = 20   # a long guest command says it is still running this often
 PMEM = "memmap=512M!4G"  # legacy pmem inside the RAM QEMU puts above 4 GiB (nd_e820)
 
 
@@ -164,11 +165,16 @@ class Guest:
             json.dump(req, f)
         os.rename(path + ".tmp", path)
         res = os.path.join(cmd, f"{self.n}.res")
-        deadline = time.monotonic() + timeout
+        began = time.monotonic()
+        next_note = began + PROGRESS_SECONDS
         while not os.path.exists(res):
             self._alive_or_raise(f"while running request {self.n} {req}")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - began > timeout:
                 raise LabError(f"no answer to request {self.n} {req} after {timeout} s")
+            if now > next_note:
+                self.say(f"  ... still running after {now - began:.0f} s")
+                next_note = now + PROGRESS_SECONDS
             time.sleep(0.05)
         with open(res) as f:
             return json.load(f)

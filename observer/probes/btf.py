@@ -1,0 +1,113 @@
+"""A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux): function prototypes with their
+parameter names and types, and enum values. Probe shapes and enum values come from here, never
+from `uname -r` or literals (DESIGN.md §2). Format: Documentation/bpf/btf.rst."""
+
+import struct
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+MAGIC = 0xEB9F
+
+(INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FUNC_PROTO,
+ VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64) = range(1, 20)
+# bytes that follow struct btf_type for each kind: fixed, and per vlen item
+_EXTRA = {INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+          FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12)}
+_MODIFIERS = {VOLATILE: "volatile", CONST: "const", RESTRICT: "restrict", TYPE_TAG: ""}
+
+
+class BtfError(Exception):
+    pass
+
+
+class Btf:
+    def __init__(self, data, path=BTF_PATH):
+        self.path = path
+        if len(data) < 24:
+            raise BtfError(f"{path}: too short for a BTF header")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != MAGIC:
+            raise BtfError(f"{path}: not BTF (magic {magic:#x})")
+        type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
+        self.strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
+        self.types = [None]          # type id 0 is void
+        self.funcs = {}              # name -> FUNC type id
+        self.enums = {}              # name -> type id
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            fixed, per_item = _EXTRA.get(kind, (0, 0))
+            body = pos + 12
+            self.types.append((kind, name_off, size_or_type, vlen, body))
+            if kind == FUNC:
+                self.funcs[self._str(name_off)] = len(self.types) - 1
+            elif kind in (ENUM, ENUM64) and name_off:
+                self.enums[self._str(name_off)] = len(self.types) - 1
+            pos = body + fixed + per_item * vlen
+        self.data = data
+
+    @classmethod
+    def load(cls, path=BTF_PATH):
+        try:
+            with open(path, "rb") as f:
+                return cls(f.read(), path)
+        except OSError as e:
+            raise BtfError(f"{path}: {e.strerror or e}") from None
+
+    def _str(self, off):
+        return self.strings[off:self.strings.index(b"\0", off)].decode()
+
+    def type_name(self, tid):
+        """C spelling of a type: "u64", "struct zone *", "int", "const char *"."""
+        if tid == 0:
+            return "void"
+        kind, name_off, ref, _vlen, _body = self.types[tid]
+        if kind == PTR:
+            inner = self.type_name(ref)
+            return inner + ("*" if inner.endswith("*") else " *")
+        if kind in _MODIFIERS:
+            inner = self.type_name(ref)
+            return f"{_MODIFIERS[kind]} {inner}".strip()
+        name = self._str(name_off) if name_off else "(anon)"
+        prefix = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum "}.get(kind, "")
+        if kind == FWD:
+            prefix = "union " if self.types[tid][3] else "struct "
+        if kind == FUNC_PROTO:
+            return "function"
+        return prefix + name
+
+    def func_params(self, name):
+        """[(param name, C type)] of a kernel function, or None when BTF has no such function
+        (absent, or inlined everywhere)."""
+        fid = self.funcs.get(name)
+        if fid is None:
+            return None
+        proto = self.types[fid][2]
+        kind, _n, _ret, vlen, body = self.types[proto]
+        if kind != FUNC_PROTO:
+            raise BtfError(f"{self.path}: FUNC {name} does not point at a FUNC_PROTO")
+        params = []
+        for i in range(vlen):
+            name_off, tid = struct.unpack_from("<II", self.data, body + 8 * i)
+            params.append((self._str(name_off), self.type_name(tid)))
+        return params
+
+    def func_return(self, name):
+        fid = self.funcs.get(name)
+        return None if fid is None else self.type_name(self.types[self.types[fid][2]][2])
+
+    def enum_values(self, name):
+        """{ENUMERATOR: value} of `enum name`, or None when BTF has no such enum."""
+        tid = self.enums.get(name)
+        if tid is None:
+            return None
+        kind, _n, _size, vlen, body = self.types[tid]
+        out = {}
+        for i in range(vlen):
+            if kind == ENUM:
+                name_off, val = struct.unpack_from("<Ii", self.data, body + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", self.data, body + 12 * i)
+                val = lo | hi << 32
+            out[self._str(name_off)] = val
+        return out
