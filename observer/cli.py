@@ -101,6 +101,59 @@ def cmd_lab(args):
     return 1 if bad else 0
 
 
+def cmd_probes(args):
+    from .probes.loader import ProbeError, Probes
+    from .probes.functions import CORE
+    probes = Probes()
+    try:
+        status = probes.plan()
+        if args.ebpf:
+            print(probes.text())
+            return 0
+        if args.attach:
+            status = probes.start()
+    except ProbeError as e:
+        print(f"memhp-observer probes: {e}", file=sys.stderr)
+        return 1
+    finally:
+        probes.close()
+    if args.json:
+        json.dump({fn: vars(st) for fn, st in status.items()}, sys.stdout, indent=1)
+        print()
+    else:
+        print(f"{'FUNCTION':<32} {'PRESENT':<8} {'METHOD':<7} {'ATTACHED':<9} SHAPE / WHY NOT")
+        for fn, st in status.items():
+            attached = "yes" if st.attached else ("-" if not args.attach else "no")
+            detail = st.shape or ""
+            if st.reason:
+                detail = f"{st.reason}" + (f"  [{st.shape}]" if st.shape else "")
+            print(f"{fn:<32} {'yes' if st.present else 'no':<8} {st.method:<7} {attached:<9} {detail}")
+    usable = all(status[fn].present and status[fn].method != "none" and
+                 (status[fn].attached or not args.attach) for fn in CORE)
+    return 0 if usable else 1
+
+
+def cmd_record(args):
+    import logging
+    import signal
+    import threading
+    from .probes.loader import ProbeError
+    from .record import record
+    logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        counts = record(args.output, stop, duration=args.duration,
+                        snapshot_interval=args.snapshot_interval, root=args.root, strict=args.strict)
+    except ProbeError as e:
+        print(f"memhp-observer record: {e}", file=sys.stderr)
+        return 1
+    print(f"recorded {counts['events']} events, {counts['snapshots']} snapshots, "
+          f"{counts['lost']} lost into {args.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_capture(args):
     from .capture import capture
     n = capture(args.output, args.root)
@@ -134,6 +187,22 @@ def build_parser():
                    help="seconds between reads of the kernel views (default 10)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("probes", help="per watched function: present, shape, attach method; "
+                                       "exit 0 when all core probes can attach")
+    pr.add_argument("--attach", action="store_true", help="really attach (root), then report")
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)  # print the BPF C
+    pr.set_defaults(func=cmd_probes)
+
+    rec = sub.add_parser("record", help="record hotplug calls and view snapshots into a trace (v1)")
+    rec.add_argument("-o", "--output", required=True, metavar="FILE")
+    rec.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: SIGINT)")
+    rec.add_argument("--snapshot-interval", type=float, default=10.0, metavar="S",
+                     help="seconds between snapshots of the kernel views (default 10)")
+    rec.add_argument("--strict", action="store_true", help="fail unless every core probe attaches")
+    rec.add_argument("--root", default="/", help=argparse.SUPPRESS)
+    rec.set_defaults(func=cmd_record)
 
     lab = sub.add_parser("lab", help="boot a Debian kernel under QEMU/TCG and drive hotplug "
                                      "scenarios in it, capturing the views around every step")

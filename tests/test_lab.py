@@ -243,3 +243,120 @@ def test_sigterm_to_the_runner_stops_the_guest(tmp_path):
     assert runner.returncode == 130 and "interrupted; guest stopped" in err
     assert "Linux version" in open(os.path.join(results, "console.log"), errors="replace").read()
     assert qemu_of(results) == []
+
+
+# --- the recorded trace against the captured truth --------------------------------------------
+
+def trace(results):
+    from observer.trace import read_trace
+    return list(read_trace(os.path.join(results, "trace.jsonl")))
+
+
+def events_in(results, scenario, step):
+    """The events of one step: after the capture before it, up to the capture after it."""
+    with open(os.path.join(results, "steps.jsonl")) as f:
+        recs = [r for r in map(json.loads, f) if r["scenario"] == scenario]
+    i = [r["step"] for r in recs].index(step)
+    lo, hi = recs[i - 1]["capture_ns"], recs[i]["capture_ns"]
+    return [e for e in trace(results) if e["type"] == "event" and lo < e["ts_ns"] <= hi]
+
+
+def calls(events, fn):
+    return [e for e in events if e["fn"] == fn]
+
+
+def test_trace_is_complete_ordered_and_round_trips(lab, tmp_path):
+    from observer.trace import TraceWriter
+    results, summary = lab
+    records = trace(results)
+    header = records[0]
+    assert header["mode"] == "bpf" and header["kernel"] == summary["kernel"]
+    core = ("arch_add_memory", "__remove_pages", "release_mem_region_adjustable", "devm_memremap_pages")
+    assert all(header["probes"][fn]["attached"] and header["probes"][fn]["method"] == "kprobe" for fn in core)
+    assert [r for r in records if r["type"] == "lost"] == []
+    events = [r for r in records if r["type"] == "event"]
+    assert [e["seq"] for e in events] == list(range(len(events)))      # none missing, call order
+    assert len(events) > 100
+    copy = tmp_path / "copy.jsonl"
+    writer = TraceWriter(str(copy))
+    for r in records:
+        writer.write(r)
+    writer.close()
+    assert copy.read_bytes() == open(os.path.join(results, "trace.jsonl"), "rb").read()
+
+
+def test_kmem_events_match_the_views(lab):
+    results, _ = lab
+    [(res, _)] = kmem_ram(view(results, "kmem", "system-ram"))
+    [add] = calls(events_in(results, "kmem", "system-ram"), "arch_add_memory")
+    assert (add["start"], add["size"], add["zone_device"]) == (res.start, res.size, False)
+    assert add["origin"] == "kmem" and add["ret"] == 0
+    online = calls(events_in(results, "kmem", "online"), "online_pages")
+    size = view(results, "kmem", "start").blocks.block_size
+    assert sorted(e["start_pfn"] for e in online) == [p // 4096 for p in range(res.start, res.end, size)]
+    assert {(e["origin"], e["zone"]) for e in online} == {("sysfs", "Movable")}
+    [release] = calls(events_in(results, "kmem", "devdax-again"), "release_mem_region_adjustable")
+    assert (release["start"], release["size"], release["origin"]) == (res.start, res.size, "kmem")
+
+
+def test_dimm_add_is_one_arch_add_memory_then_online_pages_per_block(lab):
+    results, _ = lab
+    addr = int(steps(results, "dimm")["device-add"]["dimm_addr"])
+    [add] = calls(events_in(results, "dimm", "device-add"), "arch_add_memory")
+    assert (add["start"], add["size"], add["origin"]) == (addr, DIMM_SIZE, "acpi")
+    online = calls(events_in(results, "dimm", "online-movable"), "online_pages")
+    size = view(results, "dimm", "start").blocks.block_size
+    assert [e["start_pfn"] for e in online] == [p // 4096 for p in range(addr, addr + DIMM_SIZE, size)]
+    removed = events_in(results, "dimm", "device-del")
+    [release] = calls(removed, "release_mem_region_adjustable")
+    assert (release["start"], release["size"], release["origin"]) == (addr, DIMM_SIZE, "acpi")
+
+
+def test_virtio_mem_events_match_the_views(lab):
+    results, _ = lab
+    ram = resources(view(results, "virtio-mem", "grow"), "System RAM (virtio_mem)")
+    adds = calls(events_in(results, "virtio-mem", "grow"), "arch_add_memory")
+    assert sum(e["size"] for e in adds) == VIRTIO_MEM_SIZE
+    assert {e["origin"] for e in adds} == {"virtio_mem"}
+    assert min(e["start"] for e in adds) == min(r.start for r, _ in ram)
+    releases = calls(events_in(results, "virtio-mem", "shrink"), "release_mem_region_adjustable")
+    assert sum(e["size"] for e in releases) == sum(r.size for r, _ in ram)
+    assert {e["origin"] for e in releases} == {"virtio_mem"}
+
+
+def test_devm_memremap_pages_carries_type_and_namespace_range(lab):
+    results, _ = lab
+    for step, kind, owner in (("fsdax", "fsdax", "namespace0.0"), ("devdax", "devdax", "dax0.0")):
+        [remap] = calls(events_in(results, "fsdax", step), "devm_memremap_pages")
+        assert remap["pgmap"]["type"] == kind and remap["origin"] == kind
+        [(res, _)] = resources(view(results, "fsdax", step), owner)
+        start, end = remap["pgmap"]["ranges"][0]
+        assert res.start >= start and res.end <= end
+
+
+def test_every_span_change_matches_zoneinfo_after_its_step(lab):
+    results, _ = lab
+    checked = 0
+    with open(os.path.join(results, "steps.jsonl")) as f:
+        recs = [json.loads(l) for l in f]
+    for rec in recs:
+        if rec["index"] == 0:
+            continue
+        spans = {}
+        for e in events_in(results, rec["scenario"], rec["step"]):
+            if e["fn"] in ("move_pfn_range_to_zone", "remove_pfn_range_from_zone"):
+                spans[(e["nid"], e["zone"])] = e["span_after"]      # the last change wins
+        after = snapshot.take(os.path.join(results, rec["capture"]))
+        for (nid, name), span in spans.items():
+            z = [z for z in after.zones if (z.node, z.name) == (nid, name)][0]
+            assert span["spanned"] == z.spanned, (rec["capture"], name)
+            if z.start_pfn is not None:
+                assert span["start_pfn"] == z.start_pfn, (rec["capture"], name)
+            checked += 1
+    assert checked >= 10
+
+
+def test_origins_seen(lab):
+    results, _ = lab
+    seen = {e["origin"] for e in trace(results) if e["type"] == "event"}
+    assert {"kmem", "acpi", "virtio_mem", "fsdax", "devdax", "sysfs"} <= seen

@@ -187,14 +187,15 @@ class Guest:
         return res
 
     def capture(self, name):
-        """The kernel's views, now, into RESULTS/captures/NAME (a tree the readers accept)."""
+        """The kernel's views, now, into RESULTS/captures/NAME (a tree the readers accept).
+        Returns the guest's CLOCK_MONOTONIC ns when the capture was taken."""
         res = self._request({"capture": name}, 120)
         tar = os.path.join(self.results, res["tar"])
         out = os.path.join(self.results, "captures", name)
         with tarfile.open(tar) as t:
             t.extractall(out)
         os.unlink(tar)
-        return out
+        return res["ns"]
 
     @property
     def qmp(self):

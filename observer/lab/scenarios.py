@@ -155,7 +155,9 @@ def run_scenario(guest, scenario, say=None):
     records = []
     series = ".".join(guest.release.split(".")[:2])
     saved = {"results": guest.results, "selftests": os.path.join(kernels.CACHE, "selftests", series)}
-    guest.capture(f"{scenario.name}/00-start")
+    _record(guest, {"scenario": scenario.name, "index": 0, "step": "start",
+                    "capture": f"captures/{scenario.name}/00-start",
+                    "capture_ns": guest.capture(f"{scenario.name}/00-start")})
     for i, step in enumerate(scenario.steps, 1):
         say(f"[{scenario.name}] {i}/{len(scenario.steps)} {step.name}")
         began = time.monotonic()
@@ -189,7 +191,8 @@ def run_scenario(guest, scenario, say=None):
                 time.sleep(1)
         rec["seconds"] = round(time.monotonic() - began, 2)
         rec["capture"] = f"captures/{scenario.name}/{i:02d}-{step.name}"
-        guest.capture(f"{scenario.name}/{i:02d}-{step.name}")
+        # events of this step: after the previous capture's ns, up to this one
+        rec["capture_ns"] = guest.capture(f"{scenario.name}/{i:02d}-{step.name}")
         _record(guest, rec)
         records.append(rec)
     return records

@@ -4,6 +4,7 @@ then run `check` on every capture. Used by `memhp-observer lab` and by the tests
 import json
 import os
 import signal
+import sys
 import time
 
 from .. import check, snapshot
@@ -41,10 +42,13 @@ def run(results, names, release=None, progress=None):
         with Guest(results, release=release, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
+            recorder = start_recorder(guest)
+            summary["recorder_start_seconds"] = recorder["seconds"]
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
+            summary["recorded"] = stop_recorder(guest, recorder)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for path in captures(results):
@@ -53,6 +57,48 @@ def run(results, names, release=None, progress=None):
     with open(os.path.join(results, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
+
+
+RECORDER_LOG = "record.log"
+TRACE = "trace.jsonl"
+
+
+def start_recorder(guest, timeout=300):
+    """`memhp-observer record` in the guest for the whole session, into RESULTS/trace.jsonl;
+    returns once its probes are attached (it says so in its log)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
+    log = os.path.join(guest.results, RECORDER_LOG)
+    began = time.monotonic()
+    pid = guest.sh(f"{exe} record -o {guest.results}/{TRACE} --snapshot-interval 60 "
+                   f"> {log} 2>&1 & echo $!")["out"].strip()
+    guest.say("starting the recorder (bcc compiles in the guest)")
+    while "recording to" not in _read(log):
+        if time.monotonic() - began > timeout or guest.sh(f"kill -0 {pid}", check=False)["rc"]:
+            raise LabError(f"the recorder did not start; {log}:\n{_read(log)[-2000:]}")
+        time.sleep(1)
+    guest.say(_read(log).strip().splitlines()[-1])
+    return {"pid": pid, "seconds": round(time.monotonic() - began, 1)}
+
+
+def stop_recorder(guest, recorder, timeout=120):
+    """SIGINT: the recorder drains its events, takes a last snapshot, says "recorded ..." and
+    exits. (Its pid cannot tell: the guest's init does not reap orphans, so it stays a zombie.)"""
+    log = os.path.join(guest.results, RECORDER_LOG)
+    guest.sh(f"kill -INT {recorder['pid']}")
+    began = time.monotonic()
+    while "\nrecorded " not in _read(log):
+        if time.monotonic() - began > timeout:
+            raise LabError(f"the recorder did not finish in {timeout} s; {log}:\n{_read(log)[-2000:]}")
+        time.sleep(0.5)
+    return _read(log).strip().splitlines()[-1]
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _interrupt(signum, frame):

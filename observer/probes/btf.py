@@ -32,6 +32,7 @@ class Btf:
         self.types = [None]          # type id 0 is void
         self.funcs = {}              # name -> FUNC type id
         self.enums = {}              # name -> type id
+        self.structs = {}            # name -> type id (complete definitions only)
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         while pos < end:
             name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
@@ -43,6 +44,8 @@ class Btf:
                 self.funcs[self._str(name_off)] = len(self.types) - 1
             elif kind in (ENUM, ENUM64) and name_off:
                 self.enums[self._str(name_off)] = len(self.types) - 1
+            elif kind == STRUCT and name_off:
+                self.structs.setdefault(self._str(name_off), len(self.types) - 1)
             pos = body + fixed + per_item * vlen
         self.data = data
 
@@ -95,6 +98,22 @@ class Btf:
     def func_return(self, name):
         fid = self.funcs.get(name)
         return None if fid is None else self.type_name(self.types[self.types[fid][2]][2])
+
+    def struct_members(self, name):
+        """{member: C type} of `struct name` (anonymous unions' members included), or None."""
+        tid = self.structs.get(name)
+        return None if tid is None else self._members(tid)
+
+    def _members(self, tid):
+        _kind, _n, _size, vlen, body = self.types[tid]
+        out = {}
+        for i in range(vlen):
+            name_off, mtid, _offset = struct.unpack_from("<III", self.data, body + 12 * i)
+            if name_off:
+                out[self._str(name_off)] = self.type_name(mtid)
+            elif self.types[mtid][0] in (STRUCT, UNION):
+                out.update(self._members(mtid))
+        return out
 
     def enum_values(self, name):
         """{ENUMERATOR: value} of `enum name`, or None when BTF has no such enum."""

@@ -9,4 +9,7 @@ COMPANIONS = ("memremap_pages", "memunmap_pages", "move_pfn_range_to_zone",
               "remove_pfn_range_from_zone", "online_pages", "offline_pages",
               "add_memory_resource", "try_remove_memory", "arch_remove_memory")
 
-ALL = CORE + COMPANIONS
+# Resource claims that show a conflict (a hot-add refused) or where a device-private region lands.
+RESOURCES = ("register_memory_resource", "request_free_mem_region")
+
+ALL = CORE + COMPANIONS + RESOURCES

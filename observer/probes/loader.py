@@ -1,0 +1,186 @@
+"""bcc: compile the program for the running kernel, attach each watched function, and hand
+decoded events to the caller in call order. The one module that imports bcc.
+
+Attach strategy per function (DESIGN.md §2): a kprobe+kretprobe pair where the kernel has
+kprobes; otherwise the function is unobserved with the reason (fentry is tried by
+availability.try_fentry and refused on kernels like the dev host's). A function missing from
+BTF or kallsyms (absent or inlined) is unobserved and never stops the others; strict makes any
+unobserved core function fatal."""
+
+import ctypes
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from . import program
+from .availability import has_kprobes, headers_dir
+from .btf import Btf, BtfError
+from .decode import decode
+from .functions import ALL, CORE
+from .ksyms import Ksyms
+from .order import CallOrder
+from .shapes import layouts as read_layouts, shape_of
+
+
+class ProbeError(Exception):
+    pass
+
+
+@dataclass
+class ProbeStatus:
+    function: str
+    present: bool                # in BTF and kallsyms
+    shape: Optional[str]         # the prototype BTF gives
+    method: str                  # "kprobe" or "none"
+    attached: bool
+    reason: str = ""             # why not attached
+    symbol: Optional[str] = None  # the kallsyms name attached (a .isra/.constprop clone maybe)
+
+
+def kallsyms_names(path="/proc/kallsyms"):
+    names = set()
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] in "tTwW":
+                names.add(parts[2])
+    return names
+
+
+def _symbol_for(function, names):
+    """The function itself, or the compiler's clone of it (name.isra.0, name.constprop.0)."""
+    if function in names:
+        return function
+    clones = sorted(n for n in names if re.match(re.escape(function) + r"\.(isra|constprop|part)\.\d+$", n))
+    return clones[0] if clones else None
+
+
+def has_ringbuf(names):
+    return "bpf_ringbuf_output" in names
+
+
+class Probes:
+    def __init__(self, functions=ALL, strict=False, page_size=os.sysconf("SC_PAGE_SIZE")):
+        self.functions = functions
+        self.strict = strict
+        self.page_size = page_size
+        self.status = {}
+        self.bpf = None
+        self.order = CallOrder()
+        self.ksyms = Ksyms()
+        self.lost_seen = 0
+
+    def plan(self):
+        """Status of every function before anything loads: present, shape, method available."""
+        try:
+            btf = Btf.load()
+        except BtfError as e:
+            raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
+        names = kallsyms_names()
+        kprobes = has_kprobes()
+        self.layouts = read_layouts(btf)
+        self.shapes = {}
+        self.ringbuf = has_ringbuf(names)
+        for fn in self.functions:
+            shape = shape_of(btf, fn)
+            symbol = _symbol_for(fn, names)
+            st = ProbeStatus(fn, shape is not None and symbol is not None,
+                             shape.describe() if shape else None, "kprobe" if kprobes else "none",
+                             False, symbol=symbol)
+            if shape is None:
+                st.reason = "not in BTF (absent or inlined in this kernel)"
+            elif symbol is None:
+                st.reason = "not in kallsyms (inlined)"
+            else:
+                self.shapes[fn] = shape
+                if not kprobes:
+                    st.reason = "no kprobes in this kernel"
+            self.status[fn] = st
+        return self.status
+
+    def text(self):
+        """The C program for this kernel (what --ebpf prints)."""
+        if not self.status:
+            self.plan()
+        indexed = {self.functions.index(fn): s for fn, s in self.shapes.items()}
+        return program.build(indexed, self.layouts, ringbuf=self.ringbuf)
+
+    def start(self):
+        """Compile and attach. Returns the status table."""
+        if not self.status:
+            self.plan()
+        if not self.shapes or not has_kprobes():
+            self._strict_check()
+            return self.status
+        if not os.path.isdir(os.path.join(headers_dir(), "include")):
+            # without headers bcc runs `modprobe kheaders` by itself: never let it
+            raise ProbeError(f"no kernel headers at {headers_dir()}: install "
+                             f"linux-headers-{os.uname().release}")
+        from bcc import BPF
+        self.bpf = BPF(text=self.text())
+        for fn, shape in self.shapes.items():
+            i, st = self.functions.index(fn), self.status[fn]
+            try:
+                self.bpf.attach_kprobe(event=st.symbol, fn_name=f"enter_{i}")
+                self.bpf.attach_kretprobe(event=st.symbol, fn_name=f"leave_{i}")
+                st.attached = True
+            except Exception as e:   # bcc raises a bare Exception naming the function
+                st.reason = str(e).strip().splitlines()[-1]
+                for detach in (self.bpf.detach_kprobe, self.bpf.detach_kretprobe):
+                    try:
+                        detach(event=st.symbol)   # both or neither: a half pair stalls the order
+                    except Exception:
+                        pass
+        self._strict_check()
+        self._pending = []
+        if self.ringbuf:
+            self.bpf[b"events"].open_ring_buffer(self._on_event)
+        else:
+            self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=64)
+        return self.status
+
+    def _strict_check(self):
+        missing = [fn for fn in CORE if fn in self.status and not self.status[fn].attached]
+        if self.strict and missing:
+            raise ProbeError("core probes not attached: " + "; ".join(
+                f"{fn}: {self.status[fn].reason}" for fn in missing))
+
+    def _on_event(self, _ctx_or_cpu, data, _size):
+        # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size). Copied: bcc reuses data.
+        ev = program.Event()
+        ctypes.memmove(ctypes.addressof(ev), data, ctypes.sizeof(ev))
+        self._pending.append(ev)
+
+    def _frames(self, ev):
+        return self.ksyms.names_of(ev.stack[:max(0, ev.stack_bytes) // 8])
+
+    def poll(self, timeout_ms=200):
+        """Events now in call order (decoded trace dicts), and the count of newly lost events."""
+        if self.bpf is None:
+            time.sleep(timeout_ms / 1000)
+            return [], 0
+        if self.ringbuf:
+            self.bpf.ring_buffer_poll(timeout=timeout_ms)
+        else:
+            self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        now = time.monotonic()
+        out = []
+        for ev in self._pending:
+            fn = self.functions[ev.fn]
+            event = decode(ev, self.shapes[fn], self.layouts, self.page_size, self._frames(ev))
+            out += self.order.feed(event, now)
+        self._pending = []
+        out += self.order.expire(now)
+        lost = self.bpf[b"counters"][ctypes.c_int(1)].value
+        new_lost, self.lost_seen = lost - self.lost_seen, lost
+        return out, new_lost
+
+    def drain(self):
+        return self.order.drain()
+
+    def close(self):
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None

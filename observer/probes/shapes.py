@@ -1,0 +1,93 @@
+"""Probe shapes: for each watched function, which argument (by position) carries what, read from
+the running kernel's BTF. Adding a kernel version adds nothing here as long as the kernel keeps
+its parameter names; a renamed parameter is a new entry in ROLE_BY_PARAM.
+
+A role is what the decoder makes of an argument: nid, a byte range (start/size), a pfn range
+(start_pfn/nr_pages), a zone (its span is read at entry and at return), a dev_pagemap (type and
+first range), a resource, mhp_params (does it carry a pgmap: ZONE_DEVICE), a resource name."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .functions import ALL
+
+# (parameter name, C type) -> role. Types are BTF's spelling.
+ROLE_BY_PARAM = {
+    ("nid", "int"): "nid",
+    ("start", "u64"): "start", ("start", "resource_size_t"): "start",
+    ("size", "u64"): "size", ("size", "resource_size_t"): "size",
+    ("pfn", "long unsigned int"): "start_pfn", ("start_pfn", "long unsigned int"): "start_pfn",
+    ("phys_start_pfn", "long unsigned int"): "start_pfn",
+    ("nr_pages", "long unsigned int"): "nr_pages",
+    ("zone", "struct zone *"): "zone",
+    ("pgmap", "struct dev_pagemap *"): "pgmap",
+    ("res", "struct resource *"): "res",
+    ("params", "struct mhp_params *"): "params",
+    ("resource_name", "const char *"): "name", ("name", "const char *"): "name",
+}
+
+MAX_ARGS = 6   # x86-64 passes six arguments in registers (PT_REGS_PARM1..6)
+
+
+@dataclass(frozen=True)
+class Shape:
+    function: str
+    params: Tuple[Tuple[str, str], ...]     # (name, C type) as BTF has them
+    roles: Tuple[Tuple[int, str], ...]      # (1-based position, role)
+    returns: str                            # "int", "void", "pointer", "resource"
+
+    def role_position(self, role) -> Optional[int]:
+        return next((pos for pos, r in self.roles if r == role), None)
+
+    def describe(self):
+        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in self.params)
+        return f"{self.function}({args}) -> {self.returns}"
+
+
+def _return_kind(ctype):
+    if ctype == "void":
+        return "void"
+    if ctype == "struct resource *":
+        return "resource"
+    if ctype.endswith("*"):
+        return "pointer"
+    return "int"
+
+
+def shape_of(btf, function):
+    """The Shape of one function, or None when BTF has no such function."""
+    params = btf.func_params(function)
+    if params is None:
+        return None
+    roles = tuple((i, ROLE_BY_PARAM[p]) for i, p in enumerate(params[:MAX_ARGS], 1)
+                  if p in ROLE_BY_PARAM)
+    return Shape(function, tuple(params), roles, _return_kind(btf.func_return(function)))
+
+
+def shapes(btf, functions=ALL):
+    """{function: Shape or None} for the watched functions."""
+    return {fn: shape_of(btf, fn) for fn in functions}
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """Struct layouts that change across kernels, and the kernel's enum values."""
+    pgmap_has_range: bool       # struct dev_pagemap: range/ranges (5.10+) or res (before)
+    params_has_pgmap: bool      # struct mhp_params.pgmap (5.17+)
+    memory_types: dict          # value -> MEMORY_DEVICE_* name
+    zone_names: dict            # zone index -> zoneinfo's name (Normal, Movable, ...)
+
+
+# /proc/zoneinfo prints mm/page_alloc.c zone_names[], not the enum's spelling
+_ZONEINFO_NAME = {"ZONE_DMA": "DMA", "ZONE_DMA32": "DMA32", "ZONE_NORMAL": "Normal",
+                  "ZONE_HIGHMEM": "HighMem", "ZONE_MOVABLE": "Movable", "ZONE_DEVICE": "Device"}
+
+
+def layouts(btf):
+    pgmap = btf.struct_members("dev_pagemap") or {}
+    params = btf.struct_members("mhp_params") or {}
+    types = btf.enum_values("memory_type") or {}
+    zones = btf.enum_values("zone_type") or {}
+    return Layouts("range" in pgmap, "pgmap" in params,
+                   {v: k for k, v in types.items()},
+                   {v: _ZONEINFO_NAME.get(k, k) for k, v in zones.items() if k in _ZONEINFO_NAME})

@@ -1,0 +1,76 @@
+"""`memhp-observer record`: a trace (v1) of the hotplug calls the probes see, with snapshots of
+the kernel views at start, on a period and at the end, so the trace alone can be replayed."""
+
+import logging
+import os
+import time
+
+from . import snapshot
+from .probes.availability import bpf_status
+from .probes.loader import Probes
+from .trace import FORMAT, VERSION, TraceWriter
+
+log = logging.getLogger("memhp-observer")
+SECTION_SIZE_X86_64 = 1 << 27    # SECTION_SIZE_BITS on x86-64; not exported by the kernel
+
+
+def snapshot_record(root):
+    doc = snapshot.to_json(snapshot.take(root))
+    return {"type": "snapshot", "ts_ns": time.monotonic_ns(), "zones": doc["zones"],
+            "memory_blocks": doc["memory_blocks"], "resources": doc["resources"]}
+
+
+def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False):
+    """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts."""
+    probes = Probes(strict=strict)
+    status = probes.plan()
+    if not any(st.method != "none" for st in status.values()):
+        log.info("%s: procfs mode (snapshots only)", bpf_status().reason)
+    began = time.monotonic()
+    probes.start()
+    attached = {fn: st.method for fn, st in status.items() if st.attached}
+    mode = "bpf" if attached else "procfs"
+    log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
+             len(attached), len(status), time.monotonic() - began)
+    first = snapshot_record(root)
+    writer = TraceWriter(path)
+    blocks = first.get("memory_blocks")
+    writer.write({"type": "header", "format": FORMAT, "version": VERSION,
+                  "kernel": os.uname().release if root == "/" else snapshot.read_kernel_release(root),
+                  "page_size": snapshot.PAGE_SIZE,
+                  "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
+                  "block_size": snapshot.memory_blocks.read_block_size(root), "mode": mode,
+                  "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
+                  "probes": {fn: {"attached": st.attached, "method": st.method if st.attached else "none",
+                                  "shape": st.shape, "reason": st.reason}
+                             for fn, st in status.items()}})
+    writer.write(first)
+    counts = {"events": 0, "lost": 0, "snapshots": 1}
+    next_snapshot = time.monotonic() + snapshot_interval
+    end = None if duration is None else time.monotonic() + duration
+    try:
+        while not stop.is_set() and (end is None or time.monotonic() < end):
+            events, lost = probes.poll(200)
+            for e in events:
+                writer.write(e)
+            counts["events"] += len(events)
+            if lost:
+                writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+                counts["lost"] += lost
+            if time.monotonic() >= next_snapshot:
+                writer.write(snapshot_record(root))
+                counts["snapshots"] += 1
+                next_snapshot = time.monotonic() + snapshot_interval
+        events, lost = probes.poll(0)
+        for e in events + probes.drain():
+            writer.write(e)
+            counts["events"] += 1
+        if lost:
+            writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+            counts["lost"] += lost
+        writer.write(snapshot_record(root))
+        counts["snapshots"] += 1
+    finally:
+        writer.close()
+        probes.close()
+    return counts

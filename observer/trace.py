@@ -1,0 +1,64 @@
+"""Trace format v1 (DESIGN.md §4): JSON Lines, every line an object with a `type`: header,
+event, snapshot, anomaly, lost (and uevent, in procfs mode). The writer flushes every line; the
+reader streams and names the file and line of anything malformed."""
+
+import json
+
+FORMAT, VERSION = "memhp-trace", 1
+TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent")
+# fields every line of a type must carry
+REQUIRED = {
+    "header": ("format", "version", "kernel", "page_size", "block_size", "mode", "start_time_ns"),
+    "event": ("seq", "ts_ns", "fn", "ret", "pid", "comm", "caller", "origin"),
+    "snapshot": ("ts_ns", "zones", "memory_blocks", "resources"),
+    "anomaly": ("kind", "severity", "ts_ns", "message", "evidence"),
+    "lost": ("ts_ns", "count"),
+    "uevent": ("ts_ns", "action", "block"),
+}
+
+
+class TraceError(Exception):
+    def __init__(self, path, line, message):
+        self.path, self.line, self.message = path, line, message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+class TraceWriter:
+    def __init__(self, path):
+        self.path = path
+        self.file = open(path, "w")
+        self.lines = 0
+
+    def write(self, record):
+        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.file.flush()
+        self.lines += 1
+
+    def close(self):
+        self.file.close()
+
+
+def read_trace(path):
+    """Yield the records of a trace, checked: a header first, known types, required fields."""
+    try:
+        f = open(path)
+    except OSError as e:
+        raise TraceError(path, 0, e.strerror or str(e)) from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceError(path, lineno, f"not JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or rec.get("type") not in TYPES:
+                raise TraceError(path, lineno, f"unknown record type {rec.get('type') if isinstance(rec, dict) else rec!r}")
+            if lineno == 1 and rec["type"] != "header":
+                raise TraceError(path, lineno, "the first line must be the header")
+            if rec["type"] == "header" and (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
+                raise TraceError(path, lineno, f"not a {FORMAT} v{VERSION} trace")
+            missing = [k for k in REQUIRED[rec["type"]] if k not in rec]
+            if missing:
+                raise TraceError(path, lineno, f"{rec['type']} without {', '.join(missing)}")
+            yield rec
