@@ -144,12 +144,12 @@ def cmd_record(args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        counts = record(args.output, stop, duration=args.duration,
+        counts = record(args.output, stop, duration=args.duration, mode=args.mode,
                         snapshot_interval=args.snapshot_interval, root=args.root, strict=args.strict)
     except ProbeError as e:
         print(f"memhp-observer record: {e}", file=sys.stderr)
         return 1
-    print(f"recorded {counts['events']} events, {counts['snapshots']} snapshots, "
+    print(f"recorded {counts['events']} events/uevents, {counts['snapshots']} snapshots, "
           f"{counts['lost']} lost into {args.output}", file=sys.stderr)
     return 0
 
@@ -201,13 +201,16 @@ def build_parser():
     rec.add_argument("--snapshot-interval", type=float, default=10.0, metavar="S",
                      help="seconds between snapshots of the kernel views (default 10)")
     rec.add_argument("--strict", action="store_true", help="fail unless every core probe attaches")
+    rec.add_argument("--mode", choices=["auto", "bpf", "procfs"], default="auto",
+                     help="procfs: no probes, snapshots and memory-block uevents only")
     rec.add_argument("--root", default="/", help=argparse.SUPPRESS)
     rec.set_defaults(func=cmd_record)
 
     lab = sub.add_parser("lab", help="boot a Debian kernel under QEMU/TCG and drive hotplug "
                                      "scenarios in it, capturing the views around every step")
     lab.add_argument("--kernel", metavar="RELEASE",
-                     help="kernel release in the lab cache (default: the newest 6.1)")
+                     help="kernel release in the lab cache, or a series such as 6.12 for its "
+                          "newest (default: the newest 6.1)")
     lab.add_argument("--results", default="/tmp/memhp-lab", metavar="DIR",
                      help="results directory, shared read-write with the guest (default /tmp/memhp-lab)")
     lab.add_argument("--scenario", action="append", metavar="NAME",

@@ -7,7 +7,8 @@ import time
 
 from . import snapshot
 from .probes.availability import bpf_status
-from .probes.loader import Probes
+from .probes.loader import ProbeError, Probes
+from .uevents import UeventListener
 from .trace import FORMAT, VERSION, TraceWriter
 
 log = logging.getLogger("memhp-observer")
@@ -20,16 +21,22 @@ def snapshot_record(root):
             "memory_blocks": doc["memory_blocks"], "resources": doc["resources"]}
 
 
-def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False):
-    """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts."""
+def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False, mode="auto"):
+    """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts.
+    mode: auto (BPF where it attaches, else procfs), bpf (fail unless a probe attaches), procfs
+    (no probes: snapshots and memory-block uevents)."""
     probes = Probes(strict=strict)
     status = probes.plan()
-    if not any(st.method != "none" for st in status.values()):
-        log.info("%s: procfs mode (snapshots only)", bpf_status().reason)
     began = time.monotonic()
-    probes.start()
+    if mode != "procfs":
+        if not any(st.method != "none" for st in status.values()):
+            log.info("%s: procfs mode (snapshots and memory-block uevents)", bpf_status().reason)
+        probes.start()
     attached = {fn: st.method for fn, st in status.items() if st.attached}
+    if mode == "bpf" and not attached:
+        raise ProbeError("--mode bpf: no probe attached (see `memhp-observer probes`)")
     mode = "bpf" if attached else "procfs"
+    uevents = UeventListener() if mode == "procfs" else None
     log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
              len(attached), len(status), time.monotonic() - began)
     first = snapshot_record(root)
@@ -50,7 +57,10 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
     end = None if duration is None else time.monotonic() + duration
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
-            events, lost = probes.poll(200)
+            if uevents:
+                events, lost = uevents.poll(0.2), 0
+            else:
+                events, lost = probes.poll(200)
             for e in events:
                 writer.write(e)
             counts["events"] += len(events)
@@ -73,4 +83,6 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
     finally:
         writer.close()
         probes.close()
+        if uevents:
+            uevents.close()
     return counts

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
-# usage: setup-lab.sh [KERNEL_RELEASE]   (default: the newest Debian bookworm 6.1, e.g. 6.1.0-57-amd64)
+# usage: setup-lab.sh [--suite SUITE] [KERNEL_RELEASE]
+#   SUITE: the Debian suite to take the kernel from (default bookworm: 6.1; trixie: 6.12)
+#   KERNEL_RELEASE: default the suite's newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64
 # Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
 # kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
 set -euo pipefail
+suite=bookworm
+if [ "${1:-}" = --suite ]; then suite=$2; shift 2; fi
 cache=${MEMHP_LAB_CACHE:-/opt/memhp-lab}   # not under /var/cache: virtme-ng hides that in the guest
 min_free_mb=3072
 say() { echo "setup-lab: $*" >&2; }
@@ -34,37 +38,34 @@ if [ ! -x "$cache/vng/bin/vng" ]; then
     | { grep -v "^WARNING: Location 'file:" || true; }
 fi
 
-# Bookworm's packages, through a private apt configuration when this machine runs another suite
+# The suite's packages, through a private apt configuration when this machine runs another suite
 # (DESIGN.md §5): the host itself never switches suites.
 apt_opts=()
 . /etc/os-release
-if [ "${VERSION_CODENAME:-}" != bookworm ]; then
-  conf=$cache/apt
-  if [ ! -e "$conf/lists/lock" ] || [ -n "$(find "$conf/lists" -maxdepth 0 -mmin +1440)" ]; then
-    mkdir -p "$conf/sources.list.d" "$conf/lists/partial"
-    src=/etc/apt/sources.list.d/debian.sources
-    [ -e "$src" ] || { say "no $src to derive bookworm's sources from"; exit 1; }
-    sed -E "/^Suites:/s/\b${VERSION_CODENAME}\b/bookworm/g" "$src" > "$conf/sources.list.d/bookworm.sources"
-    apt_opts=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$conf/sources.list.d"
-              -o Dir::State::Lists="$conf/lists")
-    say "apt update for bookworm (private configuration in $conf)"
-    apt-get "${apt_opts[@]}" update -qq
-  fi
+if [ "${VERSION_CODENAME:-}" != "$suite" ]; then
+  conf=$cache/apt/$suite
   apt_opts=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$conf/sources.list.d"
             -o Dir::State::Lists="$conf/lists")
+  if [ ! -e "$conf/lists/lock" ] || [ -n "$(find "$conf/lists/lock" -mmin +1440)" ]; then
+    mkdir -p "$conf/sources.list.d" "$conf/lists/partial"
+    src=/etc/apt/sources.list.d/debian.sources
+    [ -e "$src" ] || { say "no $src to derive $suite's sources from"; exit 1; }
+    sed -E "/^Suites:/s/\b${VERSION_CODENAME}\b/${suite}/g" "$src" > "$conf/sources.list.d/$suite.sources"
+    say "apt update for $suite (private configuration in $conf)"
+    apt-get "${apt_opts[@]}" update -qq
+  fi
 fi
 
+newest_image() {   # the suite's newest signed amd64 kernel image: 6.1.0-57-amd64, 6.12.118+deb13-amd64
+  apt-cache "${apt_opts[@]}" search --names-only '^linux-image-[0-9][^ ]*-amd64$' | awk '{print $1}' \
+    | grep -vE -- '-(dbg|unsigned)$|cloud|-rt-' | sed 's/^linux-image-//' | sort -V | tail -1
+}
 release=${1:-}
 if [ -z "$release" ]; then
   # the ABI number moves between weeks (6.1.0-56 -> -57): look it up, never write it down
-  release=$(apt-cache "${apt_opts[@]}" search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
-            | awk '{print $1}' | sort -V | tail -1 | sed 's/^linux-image-//')
-  if [ -z "$release" ]; then
-    apt-get "${apt_opts[@]}" update -qq
-    release=$(apt-cache "${apt_opts[@]}" search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' \
-              | awk '{print $1}' | sort -V | tail -1 | sed 's/^linux-image-//')
-  fi
-  [ -n "$release" ] || { say "no linux-image-6.1.0-*-amd64 in the apt sources"; exit 1; }
+  release=$(newest_image)
+  if [ -z "$release" ]; then apt-get "${apt_opts[@]}" update -qq; release=$(newest_image); fi
+  [ -n "$release" ] || { say "no linux-image-*-amd64 in $suite's apt sources"; exit 1; }
 fi
 
 kdir=$cache/kernels/$release
@@ -78,6 +79,9 @@ if [ ! -e "$kdir/.complete" ]; then
   ls "$kdir"/debs/linux-image-*.deb >/dev/null 2>&1 || { say "download of linux-image-$release failed"; exit 1; }
   for deb in "$kdir"/debs/*.deb; do dpkg -x "$deb" "$kdir"; done
   rm -rf "$kdir/debs"      # keep the cache bounded: the unpacked tree is all the lab needs
+  # trixie and later ship modules under usr/lib/modules (merged /usr); depmod and the links
+  # below look under lib/modules
+  [ -e "$kdir/lib" ] || [ ! -d "$kdir/usr/lib/modules" ] || ln -s usr/lib "$kdir/lib"
   # the packages' build/source links are absolute (/usr/src/...): point them into the cache
   hdr=$(ls -d "$kdir"/usr/src/linux-headers-"$release" 2>/dev/null || true)
   if [ -n "$hdr" ]; then

@@ -247,18 +247,18 @@ def test_sigterm_to_the_runner_stops_the_guest(tmp_path):
 
 # --- the recorded trace against the captured truth --------------------------------------------
 
-def trace(results):
+def trace(results, name="trace.jsonl"):
     from observer.trace import read_trace
-    return list(read_trace(os.path.join(results, "trace.jsonl")))
+    return list(read_trace(os.path.join(results, name)))
 
 
-def events_in(results, scenario, step):
+def events_in(results, scenario, step, kind="event", name="trace.jsonl"):
     """The events of one step: after the capture before it, up to the capture after it."""
     with open(os.path.join(results, "steps.jsonl")) as f:
         recs = [r for r in map(json.loads, f) if r["scenario"] == scenario]
     i = [r["step"] for r in recs].index(step)
     lo, hi = recs[i - 1]["capture_ns"], recs[i]["capture_ns"]
-    return [e for e in trace(results) if e["type"] == "event" and lo < e["ts_ns"] <= hi]
+    return [e for e in trace(results, name) if e["type"] == kind and lo < e["ts_ns"] <= hi]
 
 
 def calls(events, fn):
@@ -360,3 +360,20 @@ def test_origins_seen(lab):
     results, _ = lab
     seen = {e["origin"] for e in trace(results) if e["type"] == "event"}
     assert {"kmem", "acpi", "virtio_mem", "fsdax", "devdax", "sysfs"} <= seen
+
+
+def test_procfs_mode_sees_memory_block_uevents(lab):
+    results, _ = lab
+    records = trace(results, "trace-procfs.jsonl")
+    assert records[0]["mode"] == "procfs" and not [r for r in records if r["type"] == "event"]
+    addr = int(steps(results, "dimm")["device-add"]["dimm_addr"])
+    size = view(results, "dimm", "start").blocks.block_size
+    blocks = list(range(addr // size, (addr + DIMM_SIZE) // size))
+
+    def uevents(step):
+        return sorted((u["action"], u["block"]) for u in
+                      events_in(results, "dimm", step, "uevent", "trace-procfs.jsonl"))
+    assert uevents("device-add") == [("add", b) for b in blocks]
+    assert uevents("online-movable") == [("online", b) for b in blocks]
+    assert uevents("offline") == [("offline", b) for b in blocks]
+    assert uevents("device-del") == [("remove", b) for b in blocks]

@@ -28,13 +28,15 @@ def installed_releases(cache=CACHE):
 
 
 def find_kernel(release=None, cache=CACHE):
-    """(release, vmlinuz) of the given release, or of the newest 6.1 in the cache."""
+    """(release, vmlinuz) of a release ("6.1.0-57-amd64"), or of the newest kernel of a series
+    ("6.12"; default 6.1) in the cache."""
     have = installed_releases(cache)
-    if release is None:
-        have = [r for r in have if r.startswith(DEFAULT_SERIES + ".")]
+    if release is None or re.match(r"^\d+\.\d+$", release):
+        series = release or DEFAULT_SERIES
+        have = [r for r in have if r.startswith(series + ".")]
         if not have:
-            raise LabSetupError(f"no Debian {DEFAULT_SERIES} kernel in {cache}/kernels: "
-                                f"run scripts/setup-lab.sh")
+            raise LabSetupError(f"no Debian {series} kernel in {cache}/kernels: run "
+                                f"scripts/setup-lab.sh (--suite trixie for 6.12)")
         release = have[-1]
     elif release not in have:
         raise LabSetupError(f"kernel {release} is not in {cache}/kernels (have: "

@@ -42,13 +42,14 @@ def run(results, names, release=None, progress=None):
         with Guest(results, release=release, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
-            recorder = start_recorder(guest)
-            summary["recorder_start_seconds"] = recorder["seconds"]
+            # the probes' trace, and beside it what procfs mode sees (snapshots and uevents)
+            recorders = [start_recorder(guest, TRACE), start_recorder(guest, PROCFS_TRACE, "procfs")]
+            summary["recorder_start_seconds"] = recorders[0]["seconds"]
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
-            summary["recorded"] = stop_recorder(guest, recorder)
+            summary["recorded"] = [stop_recorder(guest, r) for r in recorders]
     finally:
         signal.signal(signal.SIGTERM, previous)
     for path in captures(results):
@@ -59,31 +60,31 @@ def run(results, names, release=None, progress=None):
     return summary
 
 
-RECORDER_LOG = "record.log"
 TRACE = "trace.jsonl"
+PROCFS_TRACE = "trace-procfs.jsonl"
 
 
-def start_recorder(guest, timeout=300):
-    """`memhp-observer record` in the guest for the whole session, into RESULTS/trace.jsonl;
-    returns once its probes are attached (it says so in its log)."""
+def start_recorder(guest, trace, mode="bpf", timeout=300):
+    """`memhp-observer record` in the guest for the whole session, into RESULTS/TRACE (its log
+    beside it, .log); returns once its probes are attached (it says so in its log)."""
     exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
-    log = os.path.join(guest.results, RECORDER_LOG)
+    log = os.path.join(guest.results, trace.replace(".jsonl", ".log"))
     began = time.monotonic()
-    pid = guest.sh(f"{exe} record -o {guest.results}/{TRACE} --snapshot-interval 60 "
-                   f"> {log} 2>&1 & echo $!")["out"].strip()
+    pid = guest.sh(f"{exe} record -o {guest.results}/{trace} --mode {mode} "
+                   f"--snapshot-interval 60 > {log} 2>&1 & echo $!")["out"].strip()
     guest.say("starting the recorder (bcc compiles in the guest)")
     while "recording to" not in _read(log):
         if time.monotonic() - began > timeout or guest.sh(f"kill -0 {pid}", check=False)["rc"]:
             raise LabError(f"the recorder did not start; {log}:\n{_read(log)[-2000:]}")
         time.sleep(1)
     guest.say(_read(log).strip().splitlines()[-1])
-    return {"pid": pid, "seconds": round(time.monotonic() - began, 1)}
+    return {"pid": pid, "log": log, "seconds": round(time.monotonic() - began, 1)}
 
 
 def stop_recorder(guest, recorder, timeout=120):
     """SIGINT: the recorder drains its events, takes a last snapshot, says "recorded ..." and
     exits. (Its pid cannot tell: the guest's init does not reap orphans, so it stays a zombie.)"""
-    log = os.path.join(guest.results, RECORDER_LOG)
+    log = recorder["log"]
     guest.sh(f"kill -INT {recorder['pid']}")
     began = time.monotonic()
     while "\nrecorded " not in _read(log):
