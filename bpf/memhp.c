@@ -1,6 +1,7 @@
 // memhp-observer probes (bcc C). observer/probes/program.py fills the @PLACEHOLDERS@ from the
 // running kernel's BTF: the event layout, the output (ring buffer or perf buffer), and one
-// entry/return pair per watched function, reading its arguments by position.
+// entry/return pair per watched function: kprobe/kretprobe reading arguments by position, or
+// fentry/fexit (KFUNC_PROBE/KRETFUNC_PROBE) naming them as BTF types them.
 #include <uapi/linux/ptrace.h>
 #include <linux/mmzone.h>
 #include <linux/ioport.h>
@@ -17,6 +18,8 @@ BPF_HASH(inflight, u64, struct event, 4096);
 // [0] call sequence (entry order across CPUs: the order Python releases events in),
 // [1] events the output could not take
 BPF_ARRAY(counters, u64, 2);
+// Where entry builds its event: one per CPU, since the event is larger than a BPF stack can hold.
+BPF_PERCPU_ARRAY(scratch, struct event, 1);
 @OUTPUT_DECL@
 
 static __always_inline void count_lost(void) {
@@ -26,7 +29,7 @@ static __always_inline void count_lost(void) {
         __sync_fetch_and_add(v, 1);
 }
 
-static __always_inline void begin(struct pt_regs *ctx, struct event *e, u32 fn) {
+static __always_inline void begin(void *ctx, struct event *e, u32 fn) {
     int k = 0;
     u64 *seq = counters.lookup(&k);
     u64 id = bpf_get_current_pid_tgid();
@@ -43,11 +46,14 @@ static __always_inline void begin(struct pt_regs *ctx, struct event *e, u32 fn) 
 static __always_inline void read_zone(struct event *e, int after) {
     struct zone *z = (struct zone *)e->zone_ptr;
     struct pglist_data *pg = 0;
-    u64 start = 0, spanned = 0;
+    u64 start = 0, spanned = 0, addr = 0;
     bpf_probe_read_kernel(&pg, sizeof(pg), &z->zone_pgdat);
     bpf_probe_read_kernel(&start, sizeof(start), &z->zone_start_pfn);
     bpf_probe_read_kernel(&spanned, sizeof(spanned), &z->spanned_pages);
-    e->zone_idx = (e->zone_ptr - ((u64)pg + offsetof(struct pglist_data, node_zones))) / sizeof(struct zone);
+    // the zone's index is its place in pgdat->node_zones[]. Under fentry the verifier types the
+    // argument as a zone pointer and refuses arithmetic on it: work on a plain copy of the address.
+    bpf_probe_read_kernel(&addr, sizeof(addr), &e->zone_ptr);
+    e->zone_idx = (addr - ((u64)pg + offsetof(struct pglist_data, node_zones))) / sizeof(struct zone);
     bpf_probe_read_kernel(&e->zone_nid, sizeof(e->zone_nid), &pg->node_id);
     if (after) {
         e->span_start_after = start;

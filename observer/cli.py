@@ -104,14 +104,13 @@ def cmd_lab(args):
 def cmd_probes(args):
     from .probes.loader import ProbeError, Probes
     from .probes.functions import CORE
-    probes = Probes()
+    probes = Probes(method=args.probe_method)
     try:
         status = probes.plan()
         if args.ebpf:
             print(probes.text())
             return 0
-        if args.attach:
-            status = probes.start()
+        status = probes.start()
     except ProbeError as e:
         print(f"memhp-observer probes: {e}", file=sys.stderr)
         return 1
@@ -123,14 +122,12 @@ def cmd_probes(args):
     else:
         print(f"{'FUNCTION':<32} {'PRESENT':<8} {'METHOD':<7} {'ATTACHED':<9} SHAPE / WHY NOT")
         for fn, st in status.items():
-            attached = "yes" if st.attached else ("-" if not args.attach else "no")
+            attached = "yes" if st.attached else "no"
             detail = st.shape or ""
             if st.reason:
                 detail = f"{st.reason}" + (f"  [{st.shape}]" if st.shape else "")
             print(f"{fn:<32} {'yes' if st.present else 'no':<8} {st.method:<7} {attached:<9} {detail}")
-    usable = all(status[fn].present and status[fn].method != "none" and
-                 (status[fn].attached or not args.attach) for fn in CORE)
-    return 0 if usable else 1
+    return 0 if all(status[fn].attached for fn in CORE) else 1
 
 
 def cmd_record(args):
@@ -145,6 +142,7 @@ def cmd_record(args):
         signal.signal(sig, lambda *_: stop.set())
     try:
         counts = record(args.output, stop, duration=args.duration, mode=args.mode,
+                        probe_method=args.probe_method,
                         snapshot_interval=args.snapshot_interval, root=args.root, strict=args.strict)
     except ProbeError as e:
         print(f"memhp-observer record: {e}", file=sys.stderr)
@@ -188,9 +186,11 @@ def build_parser():
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
 
-    pr = sub.add_parser("probes", help="per watched function: present, shape, attach method; "
-                                       "exit 0 when all core probes can attach")
-    pr.add_argument("--attach", action="store_true", help="really attach (root), then report")
+    pr = sub.add_parser("probes", help="attach every probe, then report per watched function: "
+                                       "present, shape, method, attached or why not; exit 0 "
+                                       "when all core probes attach")
+    pr.add_argument("--probe-method", choices=["auto", "kprobe", "kfunc"], default="auto",
+                    help="auto: kprobes where the kernel has them, else fentry (kfunc)")
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)  # print the BPF C
     pr.set_defaults(func=cmd_probes)
@@ -203,6 +203,8 @@ def build_parser():
     rec.add_argument("--strict", action="store_true", help="fail unless every core probe attaches")
     rec.add_argument("--mode", choices=["auto", "bpf", "procfs"], default="auto",
                      help="procfs: no probes, snapshots and memory-block uevents only")
+    rec.add_argument("--probe-method", choices=["auto", "kprobe", "kfunc"], default="auto",
+                     help="auto: kprobes where the kernel has them, else fentry (kfunc)")
     rec.add_argument("--root", default="/", help=argparse.SUPPRESS)
     rec.set_defaults(func=cmd_record)
 

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from . import check, snapshot
 from .metrics import StateCollector
 from .snapshot import Snapshot
+from .uevents import UeventListener
 from .probes.availability import bpf_status
 from .views.source import ViewError
 
@@ -46,13 +47,15 @@ class Daemon:
         self.stop = threading.Event()
         self.current = None
         self._active_keys = set()
+        self.uevents = {}          # action -> memory-block uevents seen
 
     def start(self, host, port):
         """BPF status first (one line saying why it is off), then the listener, then the loop."""
         status = bpf_status()
         if status.available:
-            # the probes themselves land with the probes issue; until then the views are all
-            log.info("%s, but the hotplug probes are not built yet: procfs mode", status.reason)
+            # `record` uses the probes; the daemon's events and their metrics come with the model
+            log.info("%s, but the daemon does not use probes yet (`record` does): procfs mode",
+                     status.reason)
         else:
             log.info("%s: procfs mode", status.reason)
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
@@ -92,8 +95,26 @@ class Daemon:
                                 reconcile_seconds=time.monotonic() - began)
 
     def loop(self):
-        while not self.stop.wait(self.interval):
-            self.reconcile()
+        """Reconcile every interval, and at once when a memory block is added, removed,
+        onlined or offlined (its uevent), so a change shows without waiting for the interval."""
+        listener = UeventListener() if self.root == "/" else None
+        next_at = time.monotonic() + self.interval
+        try:
+            while not self.stop.is_set():
+                wait = max(0.0, min(next_at - time.monotonic(), 0.5))
+                if listener:
+                    seen = listener.poll(wait)
+                else:
+                    self.stop.wait(wait)
+                    seen = []
+                for u in seen:
+                    self.uevents[u["action"]] = self.uevents.get(u["action"], 0) + 1
+                if seen or time.monotonic() >= next_at:
+                    self.reconcile()
+                    next_at = time.monotonic() + self.interval
+        finally:
+            if listener:
+                listener.close()
 
 
 def run(host, port, root="/", interval=10.0):

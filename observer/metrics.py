@@ -45,6 +45,11 @@ class StateCollector:
                                  "Unix time of the last reconcile from the kernel views")
         dur = GaugeMetricFamily("memhp_reconcile_duration_seconds",
                                 "How long the last reconcile from the kernel views took")
+        uevents = CounterMetricFamily("memhp_uevents", "Memory-block uevents seen, by action "
+                                      "(each one triggers a reconcile)", labels=["action"])
+        for action in ("add", "remove", "online", "offline"):
+            uevents.add_metric([action], self.state.uevents.get(action, 0))
+        yield uevents
         errors = CounterMetricFamily("memhp_reconcile_errors",
                                      "Reconciles that could not read a kernel view")
         errors.add_metric([], s.reconcile_errors)

@@ -6,7 +6,6 @@ import os
 import time
 
 from . import snapshot
-from .probes.availability import bpf_status
 from .probes.loader import ProbeError, Probes
 from .uevents import UeventListener
 from .trace import FORMAT, VERSION, TraceWriter
@@ -21,18 +20,20 @@ def snapshot_record(root):
             "memory_blocks": doc["memory_blocks"], "resources": doc["resources"]}
 
 
-def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False, mode="auto"):
+def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False, mode="auto",
+           probe_method="auto"):
     """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts.
     mode: auto (BPF where it attaches, else procfs), bpf (fail unless a probe attaches), procfs
     (no probes: snapshots and memory-block uevents)."""
-    probes = Probes(strict=strict)
+    probes = Probes(strict=strict, method=probe_method)
     status = probes.plan()
     began = time.monotonic()
     if mode != "procfs":
-        if not any(st.method != "none" for st in status.values()):
-            log.info("%s: procfs mode (snapshots and memory-block uevents)", bpf_status().reason)
         probes.start()
     attached = {fn: st.method for fn, st in status.items() if st.attached}
+    if mode != "procfs" and not attached:
+        reasons = sorted({st.reason for st in status.values() if st.reason})
+        log.info("BPF off: %s: procfs mode (snapshots and memory-block uevents)", "; ".join(reasons))
     if mode == "bpf" and not attached:
         raise ProbeError("--mode bpf: no probe attached (see `memhp-observer probes`)")
     mode = "bpf" if attached else "procfs"

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
-# usage: setup-lab.sh [--suite SUITE] [KERNEL_RELEASE]
-#   SUITE: the Debian suite to take the kernel from (default bookworm: 6.1; trixie: 6.12)
-#   KERNEL_RELEASE: default the suite's newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64
+# usage: setup-lab.sh [--series SERIES] [KERNEL_RELEASE]
+#   SERIES: 6.1 (default, from bookworm), 6.12 (from trixie) or 5.10 (from bullseye)
+#   KERNEL_RELEASE: default the series' newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64
 # Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
 # kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
 set -euo pipefail
-suite=bookworm
-if [ "${1:-}" = --suite ]; then suite=$2; shift 2; fi
+series=6.1
+if [ "${1:-}" = --series ]; then series=$2; shift 2; fi
+case $series in   # each series from the Debian suite whose own kernel it is
+  6.1) suite=bookworm ;; 6.12) suite=trixie ;; 5.10) suite=bullseye ;;
+  *) echo "setup-lab: unknown series $series (6.1, 6.12, 5.10)" >&2; exit 1 ;;
+esac
 cache=${MEMHP_LAB_CACHE:-/opt/memhp-lab}   # not under /var/cache: virtme-ng hides that in the guest
 min_free_mb=3072
 say() { echo "setup-lab: $*" >&2; }
@@ -56,16 +60,17 @@ if [ "${VERSION_CODENAME:-}" != "$suite" ]; then
   fi
 fi
 
-newest_image() {   # the suite's newest signed amd64 kernel image: 6.1.0-57-amd64, 6.12.118+deb13-amd64
-  apt-cache "${apt_opts[@]}" search --names-only '^linux-image-[0-9][^ ]*-amd64$' | awk '{print $1}' \
-    | grep -vE -- '-(dbg|unsigned)$|cloud|-rt-' | sed 's/^linux-image-//' | sort -V | tail -1
+newest_image() {   # the series' newest signed amd64 image in the suite: 6.1.0-57-amd64, 6.12.118+deb13-amd64
+  apt-cache "${apt_opts[@]}" search --names-only "^linux-image-${series//./\\.}[.-][^ ]*-amd64\$" \
+    | awk '{print $1}' | grep -vE -- '-(dbg|unsigned)$|cloud|-rt-' | sed 's/^linux-image-//' \
+    | sort -V | tail -1
 }
 release=${1:-}
 if [ -z "$release" ]; then
   # the ABI number moves between weeks (6.1.0-56 -> -57): look it up, never write it down
   release=$(newest_image)
   if [ -z "$release" ]; then apt-get "${apt_opts[@]}" update -qq; release=$(newest_image); fi
-  [ -n "$release" ] || { say "no linux-image-*-amd64 in $suite's apt sources"; exit 1; }
+  [ -n "$release" ] || { say "no linux-image-$series.*-amd64 in $suite's apt sources"; exit 1; }
 fi
 
 kdir=$cache/kernels/$release
@@ -93,6 +98,18 @@ if [ ! -e "$kdir/.complete" ]; then
   touch "$kdir/.complete"
 fi
 
+# Older kernels of the same series (an ABI bump: 6.1.0-56 -> -57) leave the cache, and their
+# links leave /lib/modules: the cache stays bounded.
+for old in "$cache"/kernels/*; do
+  name=$(basename "$old")
+  [ -d "$old" ] && [ "$name" != "$release" ] || continue
+  case $name in "$series".*|"$series"-*) ;; *) continue ;; esac
+  say "removing $name (superseded by $release)"
+  find "/lib/modules/$name" -maxdepth 1 -type l -lname "$old/*" -delete 2>/dev/null || true
+  rmdir "/lib/modules/$name" 2>/dev/null || true
+  rm -rf "$old"
+done
+
 # /lib/modules/RELEASE may already hold a build link from an installed headers package: link
 # each entry that is missing rather than replacing the directory.
 mkdir -p "/lib/modules/$release"
@@ -102,7 +119,6 @@ for entry in "$kdir/lib/modules/$release"/*; do
 done
 # The kernel's own memory-hotplug selftest, taken from Debian's linux-source package: only that
 # one folder is extracted (never a whole source tree), and nothing of it is committed.
-series=$(echo "$release" | cut -d. -f1,2)
 selftest=$cache/selftests/$series/memory-hotplug
 if [ ! -e "$selftest/mem-on-off-test.sh" ]; then
   say "extracting tools/testing/selftests/memory-hotplug from linux-source-$series"

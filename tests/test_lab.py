@@ -20,11 +20,14 @@ from observer.views import iomem
 EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
 
 
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
+SERIES = ("6.1", "6.12")   # Debian bookworm's and trixie's kernels: one boot each
+
+
+@pytest.fixture(scope="session", params=SERIES)
+def lab(request, tmp_path_factory):
     # under /tmp: the guest sees the host's /tmp through --rwdir
-    results = str(tmp_path_factory.mktemp("lab"))
-    summary = session.run(results, list(SCENARIOS))
+    results = str(tmp_path_factory.mktemp(f"lab-{request.param}"))
+    summary = session.run(results, list(SCENARIOS), release=request.param)
     return results, summary
 
 
@@ -69,7 +72,7 @@ def qemu_of(results):
 
 def test_every_capture_checks_clean(lab):
     results, summary = lab
-    assert summary["kernel"].startswith("6.1.")
+    assert summary["kernel"].startswith(tuple(s + "." for s in SERIES))
     assert set(summary["scenarios"]) == set(SCENARIOS)
     # one capture before each scenario and one after each of its steps
     assert len(summary["checks"]) == sum(len(s.steps) + 1 for s in SCENARIOS.values())
@@ -377,3 +380,42 @@ def test_procfs_mode_sees_memory_block_uevents(lab):
     assert uevents("online-movable") == [("online", b) for b in blocks]
     assert uevents("offline") == [("offline", b) for b in blocks]
     assert uevents("device-del") == [("remove", b) for b in blocks]
+
+
+def test_fentry_sees_the_same_calls_as_kprobes(lab):
+    results, _ = lab
+    header = trace(results, "trace-kfunc.jsonl")[0]
+    assert {p["method"] for p in header["probes"].values() if p["attached"]} == {"kfunc"}
+    assert all(header["probes"][fn]["attached"] for fn in
+               ("arch_add_memory", "__remove_pages", "release_mem_region_adjustable", "devm_memremap_pages"))
+
+    def calls_seen(name):
+        return [(e["fn"], e.get("start_pfn"), e.get("nr_pages"), e["ret"], e["origin"], e["caller"],
+                 e["comm"], e.get("zone"), e.get("span_after"), e.get("pgmap"), e.get("resource"))
+                for e in trace(results, name) if e["type"] == "event"]
+    kprobes, fentry = calls_seen("trace.jsonl"), calls_seen("trace-kfunc.jsonl")
+    assert len(kprobes) > 100 and fentry == kprobes
+
+
+def test_daemon_follows_uevents_between_its_reconciles(lab):
+    # the guest's daemon ran with a one-hour interval; its view at the end came from uevents
+    from prometheus_client.parser import text_string_to_metric_families
+    results, summary = lab
+    with open(os.path.join(results, summary["metrics"])) as f:
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(f.read()) for s in fam.samples}
+    uevents = [r for r in trace(results, "trace-procfs.jsonl") if r["type"] == "uevent"]
+    for action in ("add", "remove", "online", "offline"):
+        assert samples[("memhp_uevents_total", (("action", action),))] == \
+            sum(1 for u in uevents if u["action"] == action) > 0
+    last = view(results, "selftest", "mem-on-off-test")
+    assert sum(v for (name, _), v in samples.items() if name == "memhp_memory_blocks") == \
+        len(last.blocks.blocks)
+
+
+def test_results_directory_of_something_else_is_refused(tmp_path):
+    (tmp_path / "thesis.tex").write_text("not a lab result\n")
+    out = subprocess.run([EXE, "lab", "--results", str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "is not empty and holds no earlier lab session" in out.stderr
+    assert (tmp_path / "thesis.tex").exists()

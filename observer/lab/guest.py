@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,7 +80,10 @@ class Guest:
         self.lock.flush()
 
     def boot(self):
-        os.makedirs(os.path.join(self.results, "cmd"), exist_ok=True)
+        # request numbers restart at 1 with every boot: answers left by an earlier guest would
+        # be taken for this one's
+        shutil.rmtree(os.path.join(self.results, "cmd"), ignore_errors=True)
+        os.makedirs(os.path.join(self.results, "cmd"))
         for stale in ("ready", "qmp.sock"):
             if os.path.exists(os.path.join(self.results, stale)):
                 os.unlink(os.path.join(self.results, stale))

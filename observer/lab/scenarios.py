@@ -38,7 +38,7 @@ DIMM_BLOCKS = f"seq $(({{dimm_addr}} / {BLOCK_SIZE})) $((({{dimm_addr}} + {DIMM_
 
 # The one guest every scenario runs in: boot Movable memory for offline-edge/-middle/stress, and
 # an empty virtio-mem device (its 1 GiB appears only when the virtio-mem scenario asks).
-GUEST_APPEND = ["movablecore=512M"]
+GUEST_APPEND = ["movablecore=1G"]
 GUEST_QEMU = [f"-object memory-backend-ram,id=vmem0,size={1 << 30}",
               "-device virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"]
 

@@ -3,12 +3,14 @@ then run `check` on every capture. Used by `memhp-observer lab` and by the tests
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
 
 from .. import check, snapshot
 from .guest import Guest, LabError
+from .marker import TOKEN_FILE
 from .scenarios import GUEST_APPEND, GUEST_QEMU, SCENARIOS, run_scenario
 
 
@@ -32,7 +34,7 @@ def run(results, names, release=None, progress=None):
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         raise LabError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    os.makedirs(results, exist_ok=True)
+    _fresh(results)
     began = time.monotonic()
     summary = {"scenarios": {}, "checks": {}}
     # SIGTERM ends the session like Ctrl-C: the guest is stopped, its console kept
@@ -42,14 +44,18 @@ def run(results, names, release=None, progress=None):
         with Guest(results, release=release, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
-            # the probes' trace, and beside it what procfs mode sees (snapshots and uevents)
-            recorders = [start_recorder(guest, TRACE), start_recorder(guest, PROCFS_TRACE, "procfs")]
+            # the probes' trace (kprobes), the same through fentry, and what procfs mode sees
+            daemon = start_daemon(guest)
+            recorders = [start_recorder(guest, TRACE),
+                         start_recorder(guest, KFUNC_TRACE, "bpf", "kfunc"),
+                         start_recorder(guest, PROCFS_TRACE, "procfs")]
             summary["recorder_start_seconds"] = recorders[0]["seconds"]
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
             summary["recorded"] = [stop_recorder(guest, r) for r in recorders]
+            summary["metrics"] = scrape_daemon(guest, daemon)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for path in captures(results):
@@ -62,15 +68,16 @@ def run(results, names, release=None, progress=None):
 
 TRACE = "trace.jsonl"
 PROCFS_TRACE = "trace-procfs.jsonl"
+KFUNC_TRACE = "trace-kfunc.jsonl"
 
 
-def start_recorder(guest, trace, mode="bpf", timeout=300):
+def start_recorder(guest, trace, mode="bpf", method="auto", timeout=300):
     """`memhp-observer record` in the guest for the whole session, into RESULTS/TRACE (its log
     beside it, .log); returns once its probes are attached (it says so in its log)."""
     exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
     log = os.path.join(guest.results, trace.replace(".jsonl", ".log"))
     began = time.monotonic()
-    pid = guest.sh(f"{exe} record -o {guest.results}/{trace} --mode {mode} "
+    pid = guest.sh(f"{exe} record -o {guest.results}/{trace} --mode {mode} --probe-method {method} "
                    f"--snapshot-interval 60 > {log} 2>&1 & echo $!")["out"].strip()
     guest.say("starting the recorder (bcc compiles in the guest)")
     while "recording to" not in _read(log):
@@ -92,6 +99,43 @@ def stop_recorder(guest, recorder, timeout=120):
             raise LabError(f"the recorder did not finish in {timeout} s; {log}:\n{_read(log)[-2000:]}")
         time.sleep(0.5)
     return _read(log).strip().splitlines()[-1]
+
+
+DAEMON_PORT = 9477
+METRICS = "metrics.txt"
+
+
+def start_daemon(guest):
+    """`memhp-observer run` in the guest with a long interval: what it shows at the end of the
+    session comes from memory-block uevents, not from its timer."""
+    exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
+    log = os.path.join(guest.results, "daemon.log")
+    pid = guest.sh(f"{exe} run --listen 127.0.0.1:{DAEMON_PORT} --reconcile-interval 3600 "
+                   f"> {log} 2>&1 & echo $!")["out"].strip()
+    return {"pid": pid, "log": log}
+
+
+def scrape_daemon(guest, daemon):
+    """/metrics of the guest's daemon into RESULTS/metrics.txt, then SIGTERM it."""
+    out = os.path.join(guest.results, METRICS)
+    guest.sh(f"{sys.executable} -c 'import urllib.request,sys; sys.stdout.write(urllib.request."
+             f"urlopen(\"http://127.0.0.1:{DAEMON_PORT}/metrics\", timeout=30).read().decode())'"
+             f" > {out}")
+    guest.sh(f"kill -TERM {daemon['pid']}")
+    return METRICS
+
+
+def _fresh(results):
+    """An empty results directory: an earlier session's (it has a lab-token) is emptied, any
+    other non-empty directory is refused rather than mixed with."""
+    os.makedirs(results, exist_ok=True)
+    entries = os.listdir(results)
+    if entries and TOKEN_FILE not in entries:
+        raise LabError(f"{results} is not empty and holds no earlier lab session: choose "
+                       f"another --results directory")
+    for name in entries:
+        path = os.path.join(results, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _read(path):

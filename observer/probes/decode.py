@@ -9,9 +9,9 @@ PGMAP_TYPES = {"MEMORY_DEVICE_PRIVATE": "private", "MEMORY_DEVICE_COHERENT": "co
                "MEMORY_DEVICE_FS_DAX": "fsdax", "MEMORY_DEVICE_GENERIC": "devdax",
                "MEMORY_DEVICE_DEVDAX": "devdax", "MEMORY_DEVICE_PCI_P2PDMA": "p2pdma"}
 
-# Who asked, from the symbols on the stack, first match wins (driver before the generic sysfs
-# path: virtio-mem and ACPI online through device_online too). Module names come from
-# kallsyms as "function [module]".
+# Who asked, from the symbols on the stack: the frame nearest the probed function that matches
+# wins (a devdax namespace's probe runs under the nvdimm bus, a kmem removal under a sysfs
+# unbind). Module names come from kallsyms as "function [module]".
 ORIGINS = (
     ("kmem", re.compile(r"^dev_dax_kmem_|\[kmem\]")),
     ("virtio_mem", re.compile(r"^virtio_mem_|\[virtio_mem\]")),
@@ -25,14 +25,22 @@ _MODULE = re.compile(r"\[(\w+)\]$")
 
 
 def origin(frames):
-    for name, pattern in ORIGINS:
-        if any(pattern.search(f) for f in frames):
-            return name
+    for f in frames:
+        for name, pattern in ORIGINS:
+            if pattern.search(f):
+                return name
     for f in frames:                       # some other driver module: name it
         m = _MODULE.search(f)
-        if m:
+        if m and m.group(1) not in ("kernel", "bpf"):
             return m.group(1)
     return "unknown"
+
+
+def _from_own_frame(function, frames):
+    """The stack from the function's own frame on: kprobe stacks start there, fentry stacks
+    start in the BPF program and trampoline that the function's entry calls."""
+    own = [i for i, f in enumerate(frames) if f.split(" ")[0] == function]
+    return frames[own[0]:] if own else frames
 
 
 def _int32(value):
@@ -52,10 +60,11 @@ def _ret(shape, raw):
 def decode(ev, shape, layouts, page_size, frames):
     """A trace event dict from one Event; frames: the entry stack, innermost first, symbolized."""
     roles = {r for _, r in shape.roles}
+    frames = _from_own_frame(shape.function, frames)
     out = {"type": "event", "seq": ev.seq, "ts_ns": ev.ts_ns, "fn": shape.function,
            "duration_ns": ev.duration_ns, "ret": _ret(shape, ev.ret), "pid": ev.pid,
            "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
-           "caller": next((f for f in frames[1:2]), None), "origin": origin(frames),
+           "caller": frames[1] if len(frames) > 1 else None, "origin": origin(frames),
            "stack": frames}
     if "nid" in roles:
         out["nid"] = ev.nid

@@ -1,12 +1,13 @@
 """bcc: compile the program for the running kernel, attach each watched function, and hand
 decoded events to the caller in call order. The one module that imports bcc.
 
-Attach strategy per function (DESIGN.md §2): a kprobe+kretprobe pair where the kernel has
-kprobes; otherwise the function is unobserved with the reason (fentry is tried by
-availability.try_fentry and refused on kernels like the dev host's). A function missing from
-BTF or kallsyms (absent or inlined) is unobserved and never stops the others; strict makes any
-unobserved core function fatal."""
+Attach strategy (DESIGN.md §2): a kprobe+kretprobe pair per function where the kernel has
+kprobes; else fentry/fexit (bcc's kfunc), tried for real since bcc's support_kfunc() says yes
+on kernels that then refuse the load (EPERM, as on the dev host); else the functions are
+unobserved, with the reason. A function missing from BTF or kallsyms (absent or inlined) is
+unobserved and never stops the others; strict makes any unobserved core function fatal."""
 
+import contextlib
 import ctypes
 import os
 import re
@@ -57,14 +58,39 @@ def _symbol_for(function, names):
     return clones[0] if clones else None
 
 
+@contextlib.contextmanager
+def _stderr_kept_quiet():
+    """Silence C-level writes to fd 2 (libbpf's own messages) for the duration."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _why(exc):
+    """bcc's exception text, made one line; EPERM said plainly."""
+    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    if "super-user" in text or "not permitted" in text or "Permission denied" in text:
+        return "the kernel refuses fentry programs (EPERM)"
+    return text
+
+
 def has_ringbuf(names):
     return "bpf_ringbuf_output" in names
 
 
 class Probes:
-    def __init__(self, functions=ALL, strict=False, page_size=os.sysconf("SC_PAGE_SIZE")):
+    def __init__(self, functions=ALL, strict=False, method="auto",
+                 page_size=os.sysconf("SC_PAGE_SIZE")):
+        if method not in ("auto", "kprobe", "kfunc"):
+            raise ProbeError(f"unknown probe method {method!r}")
         self.functions = functions
         self.strict = strict
+        self.method = method
         self.page_size = page_size
         self.status = {}
         self.bpf = None
@@ -80,6 +106,10 @@ class Probes:
             raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
         names = kallsyms_names()
         kprobes = has_kprobes()
+        if self.method == "kprobe" and not kprobes:
+            raise ProbeError("--probe-method kprobe: this kernel has no kprobes")
+        method = "kprobe" if self.method == "auto" and kprobes else (
+            "kfunc" if self.method == "auto" else self.method)
         self.layouts = read_layouts(btf)
         self.shapes = {}
         self.ringbuf = has_ringbuf(names)
@@ -87,40 +117,51 @@ class Probes:
             shape = shape_of(btf, fn)
             symbol = _symbol_for(fn, names)
             st = ProbeStatus(fn, shape is not None and symbol is not None,
-                             shape.describe() if shape else None, "kprobe" if kprobes else "none",
-                             False, symbol=symbol)
+                             shape.describe() if shape else None, method, False, symbol=symbol)
             if shape is None:
                 st.reason = "not in BTF (absent or inlined in this kernel)"
             elif symbol is None:
                 st.reason = "not in kallsyms (inlined)"
             else:
                 self.shapes[fn] = shape
-                if not kprobes:
-                    st.reason = "no kprobes in this kernel"
+            if st.reason:
+                st.method = "none"
             self.status[fn] = st
         return self.status
 
-    def text(self):
+    def text(self, method=None):
         """The C program for this kernel (what --ebpf prints)."""
         if not self.status:
             self.plan()
+        method = method or next((st.method for st in self.status.values() if st.method != "none"),
+                                "kprobe")
         indexed = {self.functions.index(fn): s for fn, s in self.shapes.items()}
-        return program.build(indexed, self.layouts, ringbuf=self.ringbuf)
+        return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method)
 
     def start(self):
         """Compile and attach. Returns the status table."""
         if not self.status:
             self.plan()
-        if not self.shapes or not has_kprobes():
-            self._strict_check()
-            return self.status
-        if not os.path.isdir(os.path.join(headers_dir(), "include")):
-            # without headers bcc runs `modprobe kheaders` by itself: never let it
-            raise ProbeError(f"no kernel headers at {headers_dir()}: install "
-                             f"linux-headers-{os.uname().release}")
+        if self.shapes:
+            if not os.path.isdir(os.path.join(headers_dir(), "include")):
+                # without headers bcc runs `modprobe kheaders` by itself: never let it
+                raise ProbeError(f"no kernel headers at {headers_dir()}: install "
+                                 f"linux-headers-{os.uname().release}")
+            method = self.status[next(iter(self.shapes))].method
+            (self._start_kprobes if method == "kprobe" else self._start_kfuncs)()
+        self._strict_check()
+        if self.bpf is not None:
+            self._pending = []
+            if self.ringbuf:
+                self.bpf[b"events"].open_ring_buffer(self._on_event)
+            else:
+                self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=64)
+        return self.status
+
+    def _start_kprobes(self):
         from bcc import BPF
-        self.bpf = BPF(text=self.text())
-        for fn, shape in self.shapes.items():
+        self.bpf = BPF(text=self.text("kprobe"))
+        for fn in self.shapes:
             i, st = self.functions.index(fn), self.status[fn]
             try:
                 self.bpf.attach_kprobe(event=st.symbol, fn_name=f"enter_{i}")
@@ -133,13 +174,44 @@ class Probes:
                         detach(event=st.symbol)   # both or neither: a half pair stalls the order
                     except Exception:
                         pass
-        self._strict_check()
-        self._pending = []
-        if self.ringbuf:
-            self.bpf[b"events"].open_ring_buffer(self._on_event)
-        else:
-            self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=64)
-        return self.status
+
+    def _start_kfuncs(self):
+        """fentry/fexit per function. bcc would attach every kfunc__ program as the object loads
+        (all or nothing); here each pair is attached on its own, so one refusal names its
+        function and leaves the others observed."""
+        from bcc import BPF
+
+        class Manual(BPF):
+            def _trace_autoload(self):
+                pass
+
+        prefix = "" if has_kprobes() else "no kprobes in this kernel; "
+        try:
+            self.bpf = Manual(text=self.text("kfunc"))
+        except Exception as e:
+            self._unobserved(self.shapes, prefix + "fentry: " + _why(e))
+            return
+        for fn in self.shapes:
+            st = self.status[fn]
+            try:
+                with _stderr_kept_quiet():   # libbpf prints the refusal itself; said once below
+                    self.bpf.attach_kfunc(fn_name=fn.encode())
+                    self.bpf.attach_kretfunc(fn_name=fn.encode())
+                st.attached = True
+            except Exception as e:
+                for detach in (self.bpf.detach_kfunc, self.bpf.detach_kretfunc):
+                    try:
+                        detach(fn_name=fn.encode())   # both or neither: a half pair stalls the order
+                    except Exception:
+                        pass
+                self._unobserved([fn], prefix + "fentry: " + _why(e))
+        if not any(self.status[fn].attached for fn in self.shapes):
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def _unobserved(self, functions, reason):
+        for fn in functions:
+            self.status[fn].reason, self.status[fn].method = reason, "none"
 
     def _strict_check(self):
         missing = [fn for fn in CORE if fn in self.status and not self.status[fn].attached]

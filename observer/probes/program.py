@@ -18,9 +18,8 @@ FIELDS = (
     ("fn", "u32"), ("pid", "u32"), ("tid", "u32"), ("nid", "s32"), ("zone_idx", "s32"),
     ("zone_nid", "s32"), ("pgmap_type", "u32"), ("pgmap_nr_range", "s32"), ("zone_device", "u32"),
     ("stack_bytes", "s32"), ("comm", "char[16]"), ("res_name", "char[32]"),
-    ("stack", "u64[16]"),
+    ("stack", "u64[32]"),
 )
-STACK_FRAMES = 16
 _CTYPES = {"u64": ctypes.c_uint64, "s64": ctypes.c_int64, "u32": ctypes.c_uint32,
            "s32": ctypes.c_int32}
 
@@ -40,59 +39,86 @@ def _c_field(name, t):
     return f"    {base} {name}{bracket}{count};"
 
 
-def _probe_pair(index, shape, ringbuf):
-    """C for one function's entry and return probes, reading arguments by their role."""
+def _reads(shape, arg):
+    """C that stores a function's arguments into `*e` at entry; arg(pos, name) spells one."""
     reads = []
     for pos, role in shape.roles:
-        arg = f"PT_REGS_PARM{pos}(ctx)"
+        a = arg(pos, shape.params[pos - 1][0])
         reads.append({
-            "nid": f"e.nid = (int){arg};",
-            "start": f"e.start = {arg};",
-            "size": f"e.size = {arg};",
-            "start_pfn": f"e.start_pfn = {arg};",
-            "nr_pages": f"e.nr_pages = {arg};",
-            "zone": f"e.zone_ptr = {arg}; read_zone(&e, 0);",
-            "pgmap": f"read_pgmap(&e, {arg});",
-            "res": f"read_res(&e, {arg});",
-            "params": f"read_params(&e, {arg});",
-            "name": f"bpf_probe_read_kernel_str(&e.res_name, sizeof(e.res_name), (void *){arg});",
+            "nid": f"e->nid = (int){a};",
+            "start": f"e->start = (u64){a};",
+            "size": f"e->size = (u64){a};",
+            "start_pfn": f"e->start_pfn = (u64){a};",
+            "nr_pages": f"e->nr_pages = (u64){a};",
+            "zone": f"e->zone_ptr = (u64){a}; read_zone(e, 0);",
+            "pgmap": f"read_pgmap(e, (u64){a});",
+            "res": f"read_res(e, (u64){a});",
+            "params": f"read_params(e, (u64){a});",
+            "name": f"bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), (void *){a});",
         }[role])
-    after = []
+    return reads
+
+
+def _finish(shape, ret, ringbuf):
+    """C that completes the in-flight event `e` at return and emits it."""
+    lines = ["e->duration_ns = bpf_ktime_get_ns() - e->ts_ns;"]
+    if ret:
+        lines.append(f"e->ret = (s64){ret};")
     if shape.role_position("zone"):
-        after.append("read_zone(e, 1);")
+        lines.append("read_zone(e, 1);")
     if shape.returns == "resource":   # a struct resource * that is neither NULL nor ERR_PTR
-        after.append("if (e->ret && (u64)e->ret < (u64)-4095) read_res(e, (u64)e->ret);")
-    emit = ("if (events.ringbuf_output(e, sizeof(*e), 0)) count_lost();" if ringbuf else
-            "if (events.perf_submit(ctx, e, sizeof(*e)) < 0) count_lost();")
+        lines.append("if (e->ret && (u64)e->ret < (u64)-4095) read_res(e, (u64)e->ret);")
+    lines.append("if (events.ringbuf_output(e, sizeof(*e), 0)) count_lost();" if ringbuf else
+                 "if (events.perf_submit(ctx, e, sizeof(*e)) < 0) count_lost();")
+    return lines
+
+
+def _probe_pair(index, shape, ringbuf, method):
+    """C for one function's entry and return probes."""
     nl = "\n    "
+    if method == "kprobe":
+        enter = f"int enter_{index}(struct pt_regs *ctx)"
+        leave = f"int leave_{index}(struct pt_regs *ctx)"
+        reads = _reads(shape, lambda pos, name: f"PT_REGS_PARM{pos}(ctx)")
+        ret = "PT_REGS_RC(ctx)" if shape.returns != "void" else None
+    else:   # fentry/fexit: arguments by name and BTF type, the return value as the last one
+        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.params)
+        enter = f"KFUNC_PROBE({shape.function}, {args})"
+        ret_arg = "" if shape.returns == "void" else f", {shape.return_type} ret"
+        leave = f"KRETFUNC_PROBE({shape.function}, {args}{ret_arg})"
+        reads = _reads(shape, lambda pos, name: name)
+        ret = "ret" if shape.returns != "void" else None
     return f"""// {shape.describe()}
-int enter_{index}(struct pt_regs *ctx) {{
-    struct event e = {{}};
-    begin(ctx, &e, {index});
+{enter} {{
+    int zero = 0;
+    struct event *e = scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    __builtin_memset(e, 0, sizeof(*e));
+    begin(ctx, e, {index});
     {nl.join(reads)}
-    u64 key = ((u64){index} << 32) | e.tid;
-    if (inflight.update(&key, &e))
+    u64 key = ((u64){index} << 32) | e->tid;
+    if (inflight.update(&key, e))
         count_lost();
     return 0;
 }}
 
-int leave_{index}(struct pt_regs *ctx) {{
+{leave} {{
     u64 key = ((u64){index} << 32) | (u32)bpf_get_current_pid_tgid();
     struct event *e = inflight.lookup(&key);
     if (!e)
         return 0;
-    e->duration_ns = bpf_ktime_get_ns() - e->ts_ns;
-    e->ret = PT_REGS_RC(ctx);
-    {nl.join(after)}
-    {emit}
+    {nl.join(_finish(shape, ret, ringbuf))}
     inflight.delete(&key);
     return 0;
 }}
 """
 
 
-def build(shapes, layouts, ringbuf=True, template=TEMPLATE):
-    """C text for the given {index: Shape}; indexes are the `fn` values events carry."""
+def build(shapes, layouts, ringbuf=True, method="kprobe", template=TEMPLATE):
+    """C text for the given {index: Shape}; indexes are the `fn` values events carry.
+    method: "kprobe" (enter_N/leave_N, attached by name) or "kfunc" (fentry/fexit, attached by
+    bcc when the program loads)."""
     with open(template) as f:
         text = f.read()
     pgmap_range = ("    bpf_probe_read_kernel(&e->pgmap_nr_range, sizeof(e->pgmap_nr_range), &pgmap->nr_range);\n"
@@ -117,7 +143,7 @@ def build(shapes, layouts, ringbuf=True, template=TEMPLATE):
         "@OUTPUT_DECL@": output,
         "@PGMAP_RANGE@": pgmap_range,
         "@PARAMS_PGMAP@": params_pgmap,
-        "@PROBES@": "\n".join(_probe_pair(i, s, ringbuf) for i, s in sorted(shapes.items())),
+        "@PROBES@": "\n".join(_probe_pair(i, s, ringbuf, method) for i, s in sorted(shapes.items())),
     }
     for key, value in replacements.items():
         text = text.replace(key, value)

@@ -35,6 +35,7 @@ class Shape:
     params: Tuple[Tuple[str, str], ...]     # (name, C type) as BTF has them
     roles: Tuple[Tuple[int, str], ...]      # (1-based position, role)
     returns: str                            # "int", "void", "pointer", "resource"
+    return_type: str = "int"                # the C type BTF gives
 
     def role_position(self, role) -> Optional[int]:
         return next((pos for pos, r in self.roles if r == role), None)
@@ -61,7 +62,8 @@ def shape_of(btf, function):
         return None
     roles = tuple((i, ROLE_BY_PARAM[p]) for i, p in enumerate(params[:MAX_ARGS], 1)
                   if p in ROLE_BY_PARAM)
-    return Shape(function, tuple(params), roles, _return_kind(btf.func_return(function)))
+    ret = btf.func_return(function)
+    return Shape(function, tuple(params), roles, _return_kind(ret), ret)
 
 
 def shapes(btf, functions=ALL):
