@@ -12,11 +12,14 @@ say() { echo "setup: $*" >&2; }
 # leftover configuration ("config-files") does not.
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 
-# Newest Debian headers of this suite (6.1.0-N on bookworm, 6.12.x on trixie): the ABI number
-# moves between weeks, so it is looked up, never written down.
+# Newest Debian headers of this suite's own kernel: 6.1.0-N on bookworm (which also carries
+# 6.12.x+deb12 backports: the suite's own series is preferred), 6.12.x+deb13 on trixie. The ABI
+# number moves between weeks, so it is looked up, never written down.
 headers_pkg() {
-  apt-cache search --names-only '^linux-headers-[0-9.]+(\+deb[0-9]+)?-[0-9]+-amd64$' \
-    | awk '{print $1}' | sort -V | tail -1
+  local all
+  all=$(apt-cache search --names-only '^linux-headers-[0-9][^ ]*-amd64$' | awk '{print $1}')
+  { echo "$all" | grep -E '^linux-headers-[0-9.]+-[0-9]+-amd64$' \
+      || echo "$all" | grep -E '^linux-headers-[0-9.]+\+deb[0-9]+-amd64$'; } | sort -V | tail -1
 }
 
 need=(python3-venv python3-bpfcc prometheus)
