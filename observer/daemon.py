@@ -71,7 +71,7 @@ class Daemon:
         began = time.monotonic()
         try:
             snap = snapshot.take(self.root)
-        except ViewError as e:
+        except (ViewError, OSError) as e:   # OSError: a sysfs race the readers did not foresee
             log.error("reconcile failed: %s", e)
             self.current = _replace(self.current, reconcile_errors=self.current.reconcile_errors + 1)
             return

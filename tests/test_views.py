@@ -118,3 +118,17 @@ def test_malformed_block_names_the_file(host_copy, attr, value, message):
 def test_missing_view_is_one_clear_error(tmp_path):
     with pytest.raises(ViewError, match=r"proc/zoneinfo: missing"):
         zoneinfo.read_zoneinfo(str(tmp_path))
+
+
+def test_a_block_removed_while_it_is_read_is_skipped(host_copy, monkeypatch):
+    # hot-remove races a reconcile: memory5 is listed, then its directory goes before it is read
+    import shutil
+    real = memory_blocks.read_block
+
+    def vanishing(root, index):
+        if index == 5:
+            shutil.rmtree(host_copy / "sys/devices/system/memory/memory5")
+        return real(root, index)
+    monkeypatch.setattr(memory_blocks, "read_block", vanishing)
+    blocks = memory_blocks.read_memory_blocks(str(host_copy))
+    assert len(blocks.blocks) == 191 and 5 not in {b.index for b in blocks.blocks}

@@ -60,7 +60,12 @@ def _hex(root, relpath):
 
 def _node_of(root, blockdir, index):
     """The node from the block's nodeX link; older captures may have only node*/memoryN."""
-    for name in os.listdir(view_path(root, blockdir)):
+    path = view_path(root, blockdir)
+    try:
+        names = os.listdir(path)
+    except OSError as e:
+        raise ViewError(path, e.strerror or str(e)) from None
+    for name in names:
         m = _NODE_LINK.match(name)
         if m:
             return int(m.group(1))
@@ -111,4 +116,12 @@ def read_block_size(root="/"):
 
 def read_memory_blocks(root="/"):
     size = read_block_size(root)
-    return MemoryBlocks(size, tuple(read_block(root, i) for i in block_indexes(root)))
+    blocks = []
+    for i in block_indexes(root):
+        try:
+            blocks.append(read_block(root, i))
+        except ViewError:
+            # a block hot-removed while we read it is simply gone; anything else is an error
+            if os.path.isdir(view_path(root, f"{MEMORY}/memory{i}")):
+                raise
+    return MemoryBlocks(size, tuple(blocks))
