@@ -99,29 +99,32 @@ def span_leaks(zones, blocks, page_size, ts_ns):
     return out
 
 
+def _resource_anomaly(kind, r, page_size, ts_ns, message, evidence):
+    """An anomaly about one iomem resource, its line in /proc/iomem first in the evidence."""
+    return Anomaly(kind, ts_ns=ts_ns, start_pfn=r.start // page_size,
+                   end_pfn=(r.end + 1) // page_size, message=message,
+                   evidence=[f"{IOMEM}:{r.line} {r.start:x}-{r.end:x} : {r.name}", evidence])
+
+
 def resource_anomalies(roots, blocks, page_size, ts_ns):
     size = blocks.block_size
-    present = {b.index: b for b in blocks.blocks}
+    present = {b.index for b in blocks.blocks}
     ram = [r for r, _ in walk(roots) if r.is_system_ram]
     out = []
     for r in ram:
         first, last = r.start // size, r.end // size
         if not any(i in present for i in range(first, last + 1)):
-            out.append(Anomaly(
-                "resource_leak", ts_ns=ts_ns, start_pfn=r.start // page_size,
-                end_pfn=(r.end + 1) // page_size,
-                message=f"{r.name!r} {r.start:#x}-{r.end:#x} has no memory block under it: "
-                        f"its memory is gone but the resource was not released",
-                evidence=[f"{IOMEM}:{r.line} {r.start:x}-{r.end:x} : {r.name}",
-                          f"{MEMORY}: no memory{first}..memory{last}"]))
+            out.append(_resource_anomaly(
+                "resource_leak", r, page_size, ts_ns,
+                f"{r.name!r} {r.start:#x}-{r.end:#x} has no memory block under it: "
+                f"its memory is gone but the resource was not released",
+                f"{MEMORY}: no memory{first}..memory{last}"))
         if r.is_driver_managed and (r.start % size or (r.end + 1) % size):
-            out.append(Anomaly(
-                "unaligned_operation", ts_ns=ts_ns, start_pfn=r.start // page_size,
-                end_pfn=(r.end + 1) // page_size,
-                message=f"driver-managed {r.name!r} {r.start:#x}-{r.end:#x} is not aligned to "
-                        f"the {size >> 20} MiB memory block size",
-                evidence=[f"{IOMEM}:{r.line} {r.start:x}-{r.end:x} : {r.name}",
-                          f"{MEMORY}/block_size_bytes: {size:x}"]))
+            out.append(_resource_anomaly(
+                "unaligned_operation", r, page_size, ts_ns,
+                f"driver-managed {r.name!r} {r.start:#x}-{r.end:#x} is not aligned to "
+                f"the {size >> 20} MiB memory block size",
+                f"{MEMORY}/block_size_bytes: {size:x}"))
     # online blocks with no System RAM over any part of them: one sweep over both sorted lists
     # (System RAM resources never overlap each other)
     ram.sort(key=lambda r: r.start)
