@@ -1,7 +1,11 @@
 // memhp-observer probes (bcc C). observer/probes/program.py fills the @PLACEHOLDERS@ from the
-// running kernel's BTF: the event layout, the output (ring buffer or perf buffer), and one
-// entry/return pair per watched function: kprobe/kretprobe reading arguments by position, or
-// fentry/fexit (KFUNC_PROBE/KRETFUNC_PROBE) naming them as BTF types them.
+// running kernel's BTF: the event layout, the struct offsets every field is read at, the output
+// (ring buffer or perf buffer), and one entry/return pair per watched function: kprobe/kretprobe
+// reading arguments by position, or fentry/fexit (KFUNC_PROBE/KRETFUNC_PROBE) naming them as BTF
+// types them. The headers below give bcc the argument types only: no field is read through
+// their struct definitions, which may come from another kernel build (a host whose kernel has
+// no headers package of its own links Debian's, and zone_start_pfn sits at 128 in 6.1, 144 in
+// 6.12).
 #include <uapi/linux/ptrace.h>
 #include <linux/mmzone.h>
 #include <linux/ioport.h>
@@ -11,6 +15,10 @@
 struct event {
 @EVENT_FIELDS@
 };
+
+// Byte offsets of the fields read below, from the running kernel's BTF: OFF(zone, spanned_pages).
+@OFFSETS@
+#define OFF(type, member) OFF_##type##_##member
 
 // A call in flight, per (function, thread): entry fills it, return completes and emits it, so
 // one call is one event.
@@ -29,6 +37,18 @@ static __always_inline void count_lost(void) {
         __sync_fetch_and_add(v, 1);
 }
 
+// Read `size` bytes at kernel address `base + offset`. Under fentry the verifier types arguments
+// by BTF and refuses arithmetic on them, so addresses travel as plain u64 values.
+static __always_inline void read_at(void *dst, u32 size, u64 base, u32 offset) {
+    bpf_probe_read_kernel(dst, size, (void *)(base + offset));
+}
+
+static __always_inline u64 plain(u64 addr) {
+    u64 copy = 0;
+    bpf_probe_read_kernel(&copy, sizeof(copy), &addr);
+    return copy;
+}
+
 static __always_inline void begin(void *ctx, struct event *e, u32 fn) {
     int k = 0;
     u64 *seq = counters.lookup(&k);
@@ -44,41 +64,43 @@ static __always_inline void begin(void *ctx, struct event *e, u32 fn) {
 }
 
 static __always_inline void read_zone(struct event *e, int after) {
-    struct zone *z = (struct zone *)e->zone_ptr;
-    struct pglist_data *pg = 0;
-    u64 start = 0, spanned = 0, addr = 0;
-    bpf_probe_read_kernel(&pg, sizeof(pg), &z->zone_pgdat);
-    bpf_probe_read_kernel(&start, sizeof(start), &z->zone_start_pfn);
-    bpf_probe_read_kernel(&spanned, sizeof(spanned), &z->spanned_pages);
-    // the zone's index is its place in pgdat->node_zones[]. Under fentry the verifier types the
-    // argument as a zone pointer and refuses arithmetic on it: work on a plain copy of the address.
-    bpf_probe_read_kernel(&addr, sizeof(addr), &e->zone_ptr);
-    e->zone_idx = (addr - ((u64)pg + offsetof(struct pglist_data, node_zones))) / sizeof(struct zone);
-    bpf_probe_read_kernel(&e->zone_nid, sizeof(e->zone_nid), &pg->node_id);
+    u64 zone = plain(e->zone_ptr), pgdat = 0, start = 0, spanned = 0, present = 0;
+    read_at(&pgdat, sizeof(pgdat), zone, OFF(zone, zone_pgdat));
+    read_at(&start, sizeof(start), zone, OFF(zone, zone_start_pfn));
+    read_at(&spanned, sizeof(spanned), zone, OFF(zone, spanned_pages));
+    read_at(&present, sizeof(present), zone, OFF(zone, present_pages));
+    // the zone's index is its place in pgdat->node_zones[]
+    e->zone_idx = (zone - (pgdat + OFF(pglist_data, node_zones))) / SIZEOF_zone;
+    read_at(&e->zone_nid, sizeof(e->zone_nid), pgdat, OFF(pglist_data, node_id));
     if (after) {
         e->span_start_after = start;
         e->span_pages_after = spanned;
+        e->present_after = present;
     } else {
         e->span_start_before = start;
         e->span_pages_before = spanned;
+        e->present_before = present;
     }
 }
 
-static __always_inline void read_pgmap(struct event *e, u64 ptr) {
-    struct dev_pagemap *pgmap = (struct dev_pagemap *)ptr;
-    e->pgmap_ptr = ptr;
-    bpf_probe_read_kernel(&e->pgmap_type, sizeof(e->pgmap_type), &pgmap->type);
-@PGMAP_RANGE@
+// A pgmap is read at return: memremap_pages() zeroes nr_range and counts the ranges it maps, so
+// at entry the count is not yet the truth (kernel-reference.md §3.1).
+static __always_inline void read_pgmap(struct event *e) {
+    u64 pgmap = plain(e->pgmap_ptr);
+    if (!pgmap)
+        return;
+    read_at(&e->pgmap_type, sizeof(e->pgmap_type), pgmap, OFF(dev_pagemap, type));
+@PGMAP_RANGES@
 }
 
 static __always_inline void read_res(struct event *e, u64 ptr) {
-    struct resource *res = (struct resource *)ptr;
-    const char *name = 0;
-    bpf_probe_read_kernel(&e->res_start, sizeof(e->res_start), &res->start);
-    bpf_probe_read_kernel(&e->res_end, sizeof(e->res_end), &res->end);
-    bpf_probe_read_kernel(&e->res_flags, sizeof(e->res_flags), &res->flags);
-    bpf_probe_read_kernel(&name, sizeof(name), &res->name);
-    bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), name);
+    u64 res = plain(ptr), name = 0;
+    read_at(&e->res_start, sizeof(e->res_start), res, OFF(resource, start));
+    read_at(&e->res_end, sizeof(e->res_end), res, OFF(resource, end));
+    read_at(&e->res_flags, sizeof(e->res_flags), res, OFF(resource, flags));
+    read_at(&e->res_desc, sizeof(e->res_desc), res, OFF(resource, desc));
+    read_at(&name, sizeof(name), res, OFF(resource, name));
+    bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), (void *)name);
 }
 
 static __always_inline void read_params(struct event *e, u64 ptr) {

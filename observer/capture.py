@@ -6,12 +6,12 @@ import shutil
 import subprocess
 
 from .views.iomem import IOMEM
-from .views.meminfo import MEMINFO
 from .views.memory_blocks import MEMORY, block_indexes
 from .views.source import view_path
 from .views.zoneinfo import ZONEINFO
 
-FILES = (ZONEINFO, IOMEM, MEMINFO, "/proc/sys/kernel/osrelease")
+# /proc/meminfo is no reader's input; it is kept as context for whoever reads the capture
+FILES = (ZONEINFO, IOMEM, "/proc/meminfo", "/proc/sys/kernel/osrelease")
 BLOCK_ATTRS = ("phys_index", "state", "valid_zones", "removable", "online", "phys_device")
 ROOT_ATTRS = ("block_size_bytes", "auto_online_blocks")
 # What an unprivileged reader of /proc/iomem sees (all addresses zero), kept beside the real one.

@@ -67,7 +67,7 @@ def cmd_run(args):
     from . import daemon
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
-    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval)
+    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode)
 
 
 def cmd_lab(args):
@@ -147,7 +147,7 @@ def cmd_record(args):
     except ProbeError as e:
         print(f"memhp-observer record: {e}", file=sys.stderr)
         return 1
-    print(f"recorded {counts['events']} events/uevents, {counts['snapshots']} snapshots, "
+    print(f"recorded {counts['events']} events, {counts['uevents']} uevents, {counts['snapshots']} snapshots, "
           f"{counts['lost']} lost into {args.output}", file=sys.stderr)
     return 0
 
@@ -179,8 +179,9 @@ def build_parser():
     r = sub.add_parser("run", help="the daemon: reconcile from the kernel views and serve /metrics")
     r.add_argument("--listen", type=parse_listen, default="127.0.0.1:9477",
                    help="HOST:PORT for /metrics (default 127.0.0.1:9477)")
-    r.add_argument("--mode", choices=["auto", "procfs"], default="auto",
-                   help="auto: BPF where the kernel allows it (not built yet), else procfs")
+    r.add_argument("--mode", choices=["auto", "bpf", "procfs"], default="auto",
+                   help="auto: probes where the kernel lets them attach, else procfs; bpf: exit 1 "
+                        "unless they attach; procfs: kernel views and uevents only")
     r.add_argument("--reconcile-interval", type=float, default=10.0, metavar="S",
                    help="seconds between reads of the kernel views (default 10)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")

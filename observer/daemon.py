@@ -1,6 +1,7 @@
-"""The live loop (`memhp-observer run`). Today: procfs mode, reconciling from the kernel views on
-an interval, checking the view invariants and serving /metrics. BPF events join in the probes
-issue."""
+"""The live loop (`memhp-observer run`): reconciles from the kernel views on an interval and on
+memory-block uevents, checks the view invariants and serves /metrics. In BPF mode the probes are
+attached too and their events counted (by function, origin and result); judging state from the
+events is the reference model's work."""
 
 import logging
 import signal
@@ -15,7 +16,8 @@ from . import check, snapshot
 from .metrics import StateCollector
 from .snapshot import Snapshot
 from .uevents import UeventListener
-from .probes.availability import bpf_status
+from .probes.availability import has_kprobes, try_fentry
+from .probes.loader import ProbeError, Probes
 from .views.source import ViewError
 
 log = logging.getLogger("memhp-observer")
@@ -40,26 +42,63 @@ def _anomaly_key(a):
     return (a.kind, a.node, a.zone, a.start_pfn, a.end_pfn)
 
 
+def _result(event):
+    return "ok" if event["ret"] in (None, 0, "ok") else "error"
+
+
 class Daemon:
-    def __init__(self, root="/", interval=10.0):
+    def __init__(self, root="/", interval=10.0, mode="auto"):
         self.root = root
         self.interval = interval
+        self.mode = mode           # auto, bpf or procfs, as asked
         self.stop = threading.Event()
         self.current = None
+        self.probes = None
         self._active_keys = set()
         self.uevents = {}          # action -> memory-block uevents seen
+        self.events = {}           # (function, origin, result) -> probe events seen
+        self.events_lost = 0
+
+    def _attach(self):
+        """{function: method} of the attached probes; {} in procfs mode. Without kprobes, the
+        fentry load is tried in a child first: a refusal then costs the daemon no LLVM."""
+        if self.mode == "procfs" or self.root != "/":
+            log.info("procfs mode (%s)", "--mode procfs" if self.mode == "procfs" else "--root")
+            return {}
+        if not has_kprobes():
+            loaded, why = try_fentry(timeout=60)
+            if not loaded:
+                reason = f"no kprobes in this kernel; fentry {why}"
+                if self.mode == "bpf":
+                    raise ProbeError(f"--mode bpf: {reason}")
+                log.info("BPF off: %s: procfs mode", reason)
+                return {}
+        probes = Probes()
+        try:
+            status = probes.start()
+        except ProbeError as e:
+            if self.mode == "bpf":
+                raise
+            log.info("BPF off: %s: procfs mode", e)
+            return {}
+        attached = {fn: st.method for fn, st in status.items() if st.attached}
+        if not attached:
+            probes.close()
+            reason = "; ".join(sorted({st.reason for st in status.values() if st.reason}))
+            if self.mode == "bpf":
+                raise ProbeError(f"--mode bpf: no probe attached: {reason}")
+            log.info("BPF off: %s: procfs mode", reason)
+            return {}
+        self.probes = probes
+        log.info("BPF mode: %d of %d functions attached", len(attached), len(status))
+        return attached
 
     def start(self, host, port):
-        """BPF status first (one line saying why it is off), then the listener, then the loop."""
-        status = bpf_status()
-        if status.available:
-            # `record` uses the probes; the daemon's events and their metrics come with the model
-            log.info("%s, but the daemon does not use probes yet (`record` does): procfs mode",
-                     status.reason)
-        else:
-            log.info("%s: procfs mode", status.reason)
+        """Probes first (one line saying why BPF is off), then the listener, then the loop."""
+        attached = self._attach()
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
-        self.current = State(kernel=kernel, mode="procfs", page_size=snapshot.PAGE_SIZE)
+        self.current = State(kernel=kernel, mode="bpf" if attached else "procfs",
+                             page_size=snapshot.PAGE_SIZE, probe_methods=attached)
         registry = CollectorRegistry()
         registry.register(StateCollector(self))
         ProcessCollector(registry=registry)
@@ -102,6 +141,9 @@ class Daemon:
         try:
             while not self.stop.is_set():
                 wait = max(0.0, min(next_at - time.monotonic(), 0.5))
+                if self.probes:
+                    self._count(*self.probes.poll(int(wait * 1000)))
+                    wait = 0
                 if listener:
                     seen = listener.poll(wait)
                 else:
@@ -115,15 +157,28 @@ class Daemon:
         finally:
             if listener:
                 listener.close()
+            if self.probes:
+                self.probes.close()
+
+    def _count(self, records, lost):
+        for e in records:
+            if e["type"] == "event":
+                key = (e["fn"], e["origin"], _result(e))
+                self.events[key] = self.events.get(key, 0) + 1
+        self.events_lost += lost
 
 
-def run(host, port, root="/", interval=10.0):
-    """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start."""
-    daemon = Daemon(root, interval)
+def run(host, port, root="/", interval=10.0, mode="auto"):
+    """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start or --mode bpf
+    cannot attach."""
+    daemon = Daemon(root, interval, mode)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     try:
         daemon.start(host, port)
+    except ProbeError as e:
+        log.error("%s", e)
+        return 1
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
         return 1

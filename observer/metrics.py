@@ -41,6 +41,16 @@ class StateCollector:
             probe.add_metric([fn, method], 1 if method != "none" else 0)
         yield probe
 
+        events = CounterMetricFamily("memhp_events", "Calls of the watched kernel functions the "
+                                     "probes saw, by who asked and how they returned",
+                                     labels=["function", "origin", "result"])
+        for (fn, origin, result), n in sorted(self.state.events.items()):
+            events.add_metric([fn, origin, result], n)
+        yield events
+        lost = CounterMetricFamily("memhp_events_lost", "Probe events the BPF buffer dropped")
+        lost.add_metric([], self.state.events_lost)
+        yield lost
+
         last = GaugeMetricFamily("memhp_last_reconcile_timestamp_seconds",
                                  "Unix time of the last reconcile from the kernel views")
         dur = GaugeMetricFamily("memhp_reconcile_duration_seconds",

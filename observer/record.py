@@ -25,19 +25,28 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
     """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts.
     mode: auto (BPF where it attaches, else procfs), bpf (fail unless a probe attaches), procfs
     (no probes: snapshots and memory-block uevents)."""
-    probes = Probes(strict=strict, method=probe_method)
-    status = probes.plan()
     began = time.monotonic()
-    if mode != "procfs":
-        probes.start()
+    probes, status = None, {}
+    if mode != "procfs":   # procfs mode needs neither BTF nor bcc
+        probes = Probes(strict=strict, method=probe_method)
+        try:
+            status = probes.plan()
+            probes.start()
+        except ProbeError as e:
+            if mode == "bpf":
+                raise
+            log.info("BPF off: %s", e)
+            probes.close()
     attached = {fn: st.method for fn, st in status.items() if st.attached}
-    if mode != "procfs" and not attached:
+    if mode != "procfs" and status and not attached:
         reasons = sorted({st.reason for st in status.values() if st.reason})
-        log.info("BPF off: %s: procfs mode (snapshots and memory-block uevents)", "; ".join(reasons))
+        log.info("BPF off: %s", "; ".join(reasons))
     if mode == "bpf" and not attached:
         raise ProbeError("--mode bpf: no probe attached (see `memhp-observer probes`)")
     mode = "bpf" if attached else "procfs"
-    uevents = UeventListener() if mode == "procfs" else None
+    if mode == "procfs":
+        probes = None
+    uevents = UeventListener()   # memory-block uevents in both modes
     log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
              len(attached), len(status), time.monotonic() - began)
     first = snapshot_record(root)
@@ -53,37 +62,38 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
                                   "shape": st.shape, "reason": st.reason}
                              for fn, st in status.items()}})
     writer.write(first)
-    counts = {"events": 0, "lost": 0, "snapshots": 1}
+    counts = {"events": 0, "uevents": 0, "lost": 0, "snapshots": 1}
     next_snapshot = time.monotonic() + snapshot_interval
     end = None if duration is None else time.monotonic() + duration
+    def write_all(records, lost=0):
+        for r in records:
+            writer.write(r)
+            counts["events"] += r["type"] == "event"
+            counts["uevents"] += r["type"] == "uevent"
+        if lost:
+            writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+            counts["lost"] += lost
+
     try:
         while not stop.is_set() and (end is None or time.monotonic() < end):
-            if uevents:
-                events, lost = uevents.poll(0.2), 0
+            if probes:
+                write_all(*probes.poll(200))
+                write_all(uevents.poll(0))
             else:
-                events, lost = probes.poll(200)
-            for e in events:
-                writer.write(e)
-            counts["events"] += len(events)
-            if lost:
-                writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
-                counts["lost"] += lost
+                write_all(uevents.poll(0.2))
             if time.monotonic() >= next_snapshot:
                 writer.write(snapshot_record(root))
                 counts["snapshots"] += 1
                 next_snapshot = time.monotonic() + snapshot_interval
-        events, lost = probes.poll(0)
-        for e in events + probes.drain():
-            writer.write(e)
-            counts["events"] += 1
-        if lost:
-            writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
-            counts["lost"] += lost
+        if probes:
+            records, lost = probes.poll(0)
+            write_all(records + probes.drain(), lost)
+        write_all(uevents.poll(0))
         writer.write(snapshot_record(root))
         counts["snapshots"] += 1
     finally:
         writer.close()
-        probes.close()
-        if uevents:
-            uevents.close()
+        if probes:
+            probes.close()
+        uevents.close()
     return counts

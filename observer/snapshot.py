@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .views import iomem, meminfo, memory_blocks, zoneinfo
+from .views import iomem, memory_blocks, zoneinfo
 from .views.source import ViewError, read_view
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -19,7 +19,6 @@ class Snapshot:
     blocks: memory_blocks.MemoryBlocks
     resources: Optional[list]      # iomem roots; None when iomem could not be read
     iomem_error: Optional[str]      # why resources is None
-    meminfo: dict
 
 
 def read_kernel_release(root="/"):
@@ -38,7 +37,7 @@ def take(root="/"):
     except ViewError as e:
         resources, iomem_error = None, str(e)
     return Snapshot(root, kernel, zoneinfo.read_zoneinfo(root), memory_blocks.read_memory_blocks(root),
-                    resources, iomem_error, meminfo.read_meminfo(root))
+                    resources, iomem_error)
 
 
 def block_ranges(blocks):

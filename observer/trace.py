@@ -1,11 +1,13 @@
 """Trace format v1 (DESIGN.md §4): JSON Lines, every line an object with a `type`: header,
-event, snapshot, anomaly, lost (and uevent, in procfs mode). The writer flushes every line; the
+event, snapshot, anomaly, lost, uevent (memory blocks, from netlink), begun (a call still running
+when later calls were released: its event follows later with the same seq) and skipped (a call
+number with no event: lost). The writer flushes every line; the
 reader streams and names the file and line of anything malformed."""
 
 import json
 
 FORMAT, VERSION = "memhp-trace", 1
-TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent")
+TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent", "begun", "skipped")
 # fields every line of a type must carry
 REQUIRED = {
     "header": ("format", "version", "kernel", "page_size", "block_size", "mode", "start_time_ns"),
@@ -14,6 +16,8 @@ REQUIRED = {
     "anomaly": ("kind", "severity", "ts_ns", "message", "evidence"),
     "lost": ("ts_ns", "count"),
     "uevent": ("ts_ns", "action", "block"),
+    "begun": ("seq", "ts_ns", "fn", "pid", "comm", "origin"),
+    "skipped": ("seq", "reason"),
 }
 
 

@@ -17,7 +17,8 @@ cache=${MEMHP_LAB_CACHE:-/opt/memhp-lab}   # not under /var/cache: virtme-ng hid
 min_free_mb=3072
 say() { echo "setup-lab: $*" >&2; }
 [ "$(id -u)" = 0 ] || { say "must run as root"; exit 1; }
-installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+. "$(dirname "$0")/apt.sh"
+host_apt_stamp=/var/lib/apt/periodic/memhp-update-stamp   # the same stamp as setup.sh
 
 mkdir -p "$cache"
 free_mb=$(df -Pm "$cache" | awk 'NR==2{print $4}')
@@ -30,7 +31,7 @@ missing=()
 for p in qemu-system-x86 busybox-static ndctl daxctl kmod bc; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  apt-get update -qq
+  apt_fresh "$host_apt_stamp"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
@@ -45,20 +46,22 @@ fi
 # The suite's packages, through a private apt configuration when this machine runs another suite
 # (DESIGN.md §5): the host itself never switches suites.
 apt_opts=()
+apt_stamp=$host_apt_stamp
 . /etc/os-release
 if [ "${VERSION_CODENAME:-}" != "$suite" ]; then
   conf=$cache/apt/$suite
   apt_opts=(-o Dir::Etc::sourcelist=/dev/null -o Dir::Etc::sourceparts="$conf/sources.list.d"
             -o Dir::State::Lists="$conf/lists")
-  if [ ! -e "$conf/lists/lock" ] || [ -n "$(find "$conf/lists/lock" -mmin +1440)" ]; then
+  apt_stamp=$conf/updated
+  if [ ! -e "$conf/sources.list.d/$suite.sources" ]; then
     mkdir -p "$conf/sources.list.d" "$conf/lists/partial"
     src=/etc/apt/sources.list.d/debian.sources
     [ -e "$src" ] || { say "no $src to derive $suite's sources from"; exit 1; }
     sed -E "/^Suites:/s/\b${VERSION_CODENAME}\b/${suite}/g" "$src" > "$conf/sources.list.d/$suite.sources"
-    say "apt update for $suite (private configuration in $conf)"
-    apt-get "${apt_opts[@]}" update -qq
   fi
 fi
+[ -z "${conf:-}" ] || [ -e "$apt_stamp" ] || say "apt update for $suite (private configuration in $conf)"
+apt_fresh "$apt_stamp" "${apt_opts[@]}"
 
 newest_image() {   # the series' newest signed amd64 image in the suite: 6.1.0-57-amd64, 6.12.118+deb13-amd64
   apt-cache "${apt_opts[@]}" search --names-only "^linux-image-${series//./\\.}[.-][^ ]*-amd64\$" \
@@ -69,7 +72,6 @@ release=${1:-}
 if [ -z "$release" ]; then
   # the ABI number moves between weeks (6.1.0-56 -> -57): look it up, never write it down
   release=$(newest_image)
-  if [ -z "$release" ]; then apt-get "${apt_opts[@]}" update -qq; release=$(newest_image); fi
   [ -n "$release" ] || { say "no linux-image-$series.*-amd64 in $suite's apt sources"; exit 1; }
 fi
 

@@ -8,34 +8,28 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 say() { echo "setup: $*" >&2; }
 [ "$(id -u)" = 0 ] || { say "must run as root (installs packages, links kernel headers, mounts tracefs)"; exit 1; }
 
-# A package counts as installed only when dpkg says "install ok installed": a removed package's
-# leftover configuration ("config-files") does not.
-installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
-
-# Newest Debian headers of this suite's own kernel: 6.1.0-N on bookworm (which also carries
-# 6.12.x+deb12 backports: the suite's own series is preferred), 6.12.x+deb13 on trixie. The ABI
-# number moves between weeks, so it is looked up, never written down.
-headers_pkg() {
-  local all
-  all=$(apt-cache search --names-only '^linux-headers-[0-9][^ ]*-amd64$' | awk '{print $1}')
-  { echo "$all" | grep -E '^linux-headers-[0-9.]+-[0-9]+-amd64$' \
-      || echo "$all" | grep -E '^linux-headers-[0-9.]+\+deb[0-9]+-amd64$'; } | sort -V | tail -1
-}
+. "$top/scripts/apt.sh"
+host_apt_stamp=/var/lib/apt/periodic/memhp-update-stamp   # beside apt's own update-success-stamp
 
 need=(python3-venv python3-bpfcc prometheus)
+# --test-tools: what the tests check the observer against (node_exporter's zoneinfo collector,
+# pahole and bpftool reading BTF); their services are not started either
+[ "${1:-}" != --test-tools ] || need+=(prometheus-node-exporter dwarves bpftool)
 missing=()
 for p in "${need[@]}"; do installed "$p" || missing+=("$p"); done
 kbuild=/lib/modules/$(uname -r)/build
+hp=
+if [ ! -e "$kbuild/include" ] || [ ${#missing[@]} -gt 0 ]; then
+  apt_fresh "$host_apt_stamp"
+fi
 if [ ! -e "$kbuild/include" ]; then
-  hp=$(headers_pkg)
-  if [ -z "$hp" ]; then apt-get update -qq; hp=$(headers_pkg); fi
-  [ -n "$hp" ] || { say "no linux-headers-*-amd64 package in this machine's apt sources"; exit 1; }
+  hp=$(apt-cache depends linux-headers-amd64 2>/dev/null | pick_headers)
+  [ -n "$hp" ] || { say "no linux-headers-amd64 in this machine's apt sources: cannot tell which headers to link"; exit 1; }
   installed "$hp" || missing+=("$hp")
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
-  apt-get update -qq
-  # policy-rc.d 101: do not start the packaged prometheus server; only promtool is wanted.
+  # policy-rc.d 101: start no packaged server (prometheus, node_exporter); only their tools are wanted.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
   trap 'rm -f /usr/sbin/policy-rc.d' EXIT
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
@@ -44,13 +38,16 @@ fi
 
 # bcc compiles against /lib/modules/$(uname -r)/build; without it bcc runs `modprobe kheaders`
 # by itself. A kernel with no headers package of its own gets Debian's: a mismatch that serves
-# tracepoint programs only (DESIGN.md §2). Linked before bcc is ever imported.
-if [ ! -e "$kbuild/include" ]; then
-  hp=$(headers_pkg); ver=${hp#linux-headers-}; common=/usr/src/linux-headers-${ver%-amd64}-common
-  [ -d "/usr/src/$hp" ] && [ -d "$common" ] || { say "$hp is installed but /usr/src/$hp or $common is missing"; exit 1; }
+# tracepoint programs only (DESIGN.md §2; the probe loader refuses struct offsets from them).
+# Linked before bcc is ever imported.
+if [ -n "$hp" ]; then
+  ver=${hp#linux-headers-}
+  for dir in "/usr/src/$hp" "/usr/src/linux-headers-${ver%-amd64}-common"; do
+    [ -d "$dir" ] || { say "$hp is installed, but $dir, which bcc needs, is not there"; exit 1; }
+  done
   mkdir -p "/lib/modules/$(uname -r)"
   ln -sfn "/usr/src/$hp" "$kbuild"
-  ln -sfn "$common" "/lib/modules/$(uname -r)/source"
+  ln -sfn "/usr/src/linux-headers-${ver%-amd64}-common" "/lib/modules/$(uname -r)/source"
   say "linked $kbuild -> /usr/src/$hp (the running kernel $(uname -r) has no headers of its own)"
 fi
 

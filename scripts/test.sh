@@ -3,7 +3,7 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 start=$(date +%s)
-bash "$top/scripts/setup.sh"
+bash "$top/scripts/setup.sh" --test-tools
 bash "$top/scripts/setup-lab.sh"                 # Debian 6.1 (bookworm)
 bash "$top/scripts/setup-lab.sh" --series 6.12   # Debian 6.12 (trixie, private apt configuration)
 echo "test: set-up took $(( $(date +%s) - start )) s" >&2

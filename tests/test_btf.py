@@ -1,4 +1,8 @@
-"""The BTF reader on this host's real kernel BTF, and on broken copies of it."""
+"""The BTF reader on this host's real kernel BTF, and on broken copies of it; checked against
+bpftool and pahole reading the same BTF."""
+
+import re
+import subprocess
 
 import pytest
 
@@ -38,3 +42,26 @@ def test_broken_btf_is_a_clear_error(tmp_path):
         Btf(data[:10], "copy")
     with pytest.raises(BtfError, match="nothing: No such file"):
         Btf.load(str(tmp_path / "nothing"))
+
+
+def test_forward_declared_unions_are_unions(btf):
+    # bpftool names each forward declaration's kind (fwd_kind=union|struct)
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", BTF_PATH], capture_output=True,
+                          text=True, timeout=120).stdout
+    fwds = re.findall(r"^\[(\d+)\] FWD '(\w+)' fwd_kind=(\w+)$", dump, re.M)
+    assert any(kind == "union" for _, _, kind in fwds)
+    for tid, name, kind in fwds:
+        assert btf.type_name(int(tid)) == f"{kind} {name}"
+
+
+@pytest.mark.parametrize("struct", ["zone", "pglist_data", "dev_pagemap", "resource", "mhp_params"])
+def test_member_offsets_are_paholes(btf, struct):
+    out = subprocess.run(["pahole", "-C", struct, BTF_PATH], capture_output=True, text=True,
+                         timeout=120).stdout
+    members = re.findall(r"\b(\w+)(?:\[\d*\])?;\s+/\*\s+(\d+)\s+\d+\s+\*/", out)
+    assert len(members) >= 3
+    offsets = btf.struct_offsets(struct)
+    for name, off in members:
+        if name in offsets:          # pahole also lists the members of named inner structs
+            assert offsets[name] == int(off), name
+    assert btf.struct_size(struct) == int(re.search(r"/\* size: (\d+),", out).group(1))

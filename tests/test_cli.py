@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import HOST, edit
 
 # the console script installed beside the interpreter running the tests (the venv's bin/)
@@ -80,3 +82,25 @@ def test_ten_thousand_blocks(host_10k):
     assert snap["memory_blocks"][-1]["last_block"] == 10_000 + 8 - 1  # the PCI hole's 8 blocks
     out = cli("check", "--root", host_10k)
     assert out.returncode == 0, out.stdout
+
+
+# a kernel without BTF (CONFIG_DEBUG_INFO_BTF off): /sys/kernel/btf/vmlinux is absent
+NO_BTF = ("import sys; from observer.probes import btf; "
+          "btf.Btf.load = classmethod(lambda cls, path=btf.BTF_PATH: (_ for _ in ()).throw("
+          "btf.BtfError(path + ': No such file or directory'))); "
+          "from observer.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("mode, said", [
+    ("procfs", None),
+    ("auto", "BPF off: no kernel BTF (/sys/kernel/btf/vmlinux: No such file or directory)"),
+])
+def test_record_without_btf_records_the_views(tmp_path, mode, said):
+    out = subprocess.run([sys.executable, "-c", NO_BTF, "record", "-o", str(tmp_path / "t.jsonl"),
+                          "--duration", "1", "--mode", mode], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (said in out.stderr) if said else ("BTF" not in out.stderr)
+    from observer.trace import read_trace
+    records = list(read_trace(str(tmp_path / "t.jsonl")))
+    assert records[0]["mode"] == "procfs" and [r["type"] for r in records[1:]] == ["snapshot", "snapshot"]

@@ -1,6 +1,8 @@
-"""`memhp-observer run` in procfs mode, end to end: started on a loopback port, scraped, checked
-with promtool, measured from outside with psutil, stopped with SIGTERM."""
+"""`memhp-observer run` end to end: started on a loopback port, scraped, compared with
+node_exporter and lsmem, checked with promtool, measured from outside with psutil, stopped with
+SIGTERM."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -14,7 +16,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import HOST
-from observer import snapshot
 
 EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
 
@@ -69,31 +70,86 @@ def observer(request):
             o.proc.wait()
 
 
-def test_live_host_metrics_match_the_views(observer):
+@pytest.fixture
+def node_exporter():
+    """Debian's node_exporter with only its zoneinfo collector, on a loopback port."""
+    port = free_port()
+    proc = subprocess.Popen(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{port}",
+                             "--collector.disable-defaults", "--collector.zoneinfo"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                text = r.read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "node_exporter did not serve"
+            time.sleep(0.1)
+    yield {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for f in text_string_to_metric_families(text) for s in f.samples}
+    proc.kill()
+    proc.wait()
+
+
+def lsmem_blocks():
+    """{(node, zone, state): blocks} as util-linux lsmem counts them."""
+    out = json.loads(subprocess.run(["lsmem", "-J", "-o", "RANGE,STATE,BLOCK,NODE,ZONES"],
+                                    capture_output=True, text=True, timeout=30).stdout)
+    counts = {}
+    for r in out["memory"]:
+        first, _, last = r["block"].partition("-")
+        zone = r["zones"] if r["state"] == "online" and r["zones"] != "None" else "none"
+        key = (str(r["node"]), zone, r["state"])
+        counts[key] = counts.get(key, 0) + int(last or first) - int(first) + 1
+    return counts
+
+
+def test_live_host_metrics_match_node_exporter_and_lsmem(observer, node_exporter):
     o = observer("--reconcile-interval", "0.5")
-    snap = snapshot.take("/")
     m = o.samples()
-    for z in snap.zones:
-        labels = (("node", str(z.node)), ("zone", z.name))
-        assert m[("memhp_zone_spanned_pages", labels)] == z.spanned
-        assert m[("memhp_zone_present_pages", labels)] == z.present
-        assert m.get(("memhp_zone_start_pfn", labels)) == z.start_pfn
-    blocks = {k: v for k, v in m.items() if k[0] == "memhp_memory_blocks"}
-    assert sum(blocks.values()) == len(snap.blocks.blocks)
-    ram = sum(r.size for r, _ in snapshot.iomem.walk(snap.resources) if r.name == "System RAM")
-    assert m[("memhp_resource_bytes", (("type", "system_ram"),))] == ram
-    assert m[("memhp_build_info", (("kernel", os.uname().release), ("mode", "procfs"),
+    zones = [k for k in node_exporter if k[0] == "node_zoneinfo_spanned_pages"]
+    assert zones
+    for _, labels in zones:     # the same labels, so the series join
+        for name in ("spanned_pages", "present_pages"):
+            assert m[(f"memhp_zone_{name}", labels)] == node_exporter[(f"node_zoneinfo_{name}", labels)]
+    blocks = {(dict(k[1])["node"], dict(k[1])["zone"], dict(k[1])["state"]): v
+              for k, v in m.items() if k[0] == "memhp_memory_blocks"}
+    assert blocks == lsmem_blocks()
+    # BPF mode where this kernel has kprobes (its kprobe PMU), else procfs with the reason
+    kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe")
+    mode = "bpf" if kprobes else "procfs"
+    assert m[("memhp_build_info", (("kernel", os.uname().release), ("mode", mode),
                                    ("version", "0.1.0")))] == 1
-    assert m[("memhp_probe_attached", (("function", "arch_add_memory"), ("method", "none")))] == 0
+    assert m[("memhp_probe_attached", (("function", "arch_add_memory"),
+                                       ("method", "kprobe" if kprobes else "none")))] == int(kprobes)
     assert m[("memhp_anomalies_active", (("kind", "zone_span_leak"),))] == 0
     first = m[("memhp_last_reconcile_timestamp_seconds", ())]
     time.sleep(1.2)
     assert o.samples(o.scrape())[("memhp_last_reconcile_timestamp_seconds", ())] > first
     code, err = o.stop()
     assert code == 0
-    lines = err.splitlines()
-    # one line at start says why BPF is off here
-    assert sum("BPF off" in l for l in lines) == 1 and "fentry" in lines[0] and "kprobes" in lines[0]
+    if not kprobes:   # one line at start says why BPF is off here
+        lines = err.splitlines()
+        assert sum("BPF off" in l for l in lines) == 1 and "fentry" in lines[0] and "kprobes" in lines[0]
+
+
+def test_procfs_mode_tries_no_probes(observer):
+    o = observer("--mode", "procfs")
+    code, err = o.stop()
+    assert code == 0 and "procfs mode (--mode procfs)" in err and "BPF" not in err
+    assert o.samples()[("memhp_build_info", (("kernel", os.uname().release), ("mode", "procfs"),
+                                             ("version", "0.1.0")))] == 1
+
+
+def test_bpf_mode_that_cannot_attach_is_one_line_and_exit_1():
+    if os.path.exists("/sys/bus/event_source/devices/kprobe"):
+        pytest.skip("this kernel has kprobes: --mode bpf attaches (the lab tests that)")
+    out = subprocess.run([EXE, "run", "--mode", "bpf", "--listen", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "--mode bpf: no kprobes in this kernel; fentry" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_promtool_is_clean_on_the_exposition(observer):
@@ -109,8 +165,10 @@ def test_process_metrics_agree_with_psutil_and_llvm_stays_out(observer):
     rss = psutil.Process(o.proc.pid).memory_info().rss
     exported = o.samples(o.scrape())[("process_resident_memory_bytes", ())]
     assert abs(exported - rss) < 0.2 * rss
-    # the fentry try (which loads LLVM, ~180 MB) ran in a child: the daemon stays small
-    assert rss < 80 << 20, rss
+    # without kprobes the fentry try (which loads LLVM, ~180 MB) runs in a child: a refusal
+    # leaves the daemon small (with kprobes it loads the probes, and LLVM, by design)
+    if not os.path.exists("/sys/bus/event_source/devices/kprobe"):
+        assert rss < 80 << 20, rss
     assert o.stop()[0] == 0
 
 

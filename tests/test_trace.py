@@ -1,5 +1,6 @@
-"""Trace v1 reading, and the call-order release, on the trace a Debian 6.1 lab guest recorded
-while running every scenario (tests/fixtures/lab-6.1/trace.jsonl)."""
+"""Trace v1 reading, and the call-order release, on the traces Debian 6.1 and 6.12 lab guests
+recorded while running every scenario (tests/fixtures/lab-*/trace*.jsonl: kprobes, fentry,
+procfs mode)."""
 
 import json
 import random
@@ -7,11 +8,14 @@ import random
 import pytest
 
 from conftest import FIXTURES
-from observer.probes.decode import origin
 from observer.probes.order import CallOrder
 from observer.trace import TraceError, TraceWriter, read_trace
 
 TRACE = f"{FIXTURES}/lab-6.1/trace.jsonl"
+LABS = ("lab-6.1", "lab-6.12")
+BPF_TRACES = [(lab, name) for lab in LABS for name in ("trace.jsonl", "trace-kfunc.jsonl")]
+ALL_TRACES = [f"{FIXTURES}/{lab}/{name}" for lab in LABS
+              for name in ("trace.jsonl", "trace-kfunc.jsonl", "trace-procfs.jsonl")]
 
 
 def lines():
@@ -19,19 +23,25 @@ def lines():
         return f.read().splitlines()
 
 
-def test_reader_streams_every_record():
-    records = list(read_trace(TRACE))
-    assert len(records) == len(lines())
-    assert records[0]["type"] == "header" and records[0]["kernel"].startswith("6.1.")
-    assert {r["type"] for r in records} == {"header", "snapshot", "event"}
+@pytest.mark.parametrize("path", ALL_TRACES, ids=lambda p: p.split("fixtures/")[1])
+def test_reader_streams_every_record(path):
+    records = list(read_trace(path))
+    with open(path) as f:
+        assert len(records) == len(f.read().splitlines())
+    header = records[0]
+    assert header["type"] == "header" and header["kernel"].startswith(path.split("lab-")[1].split("/")[0] + ".")
+    kinds = {"header", "snapshot", "uevent"} | ({"event"} if header["mode"] == "bpf" else set())
+    assert {r["type"] for r in records} - {"begun"} == kinds   # begun: a call that held up order
 
 
-def test_writer_reproduces_the_file(tmp_path):
+@pytest.mark.parametrize("path", ALL_TRACES, ids=lambda p: p.split("fixtures/")[1])
+def test_writer_reproduces_the_file(tmp_path, path):
     w = TraceWriter(str(tmp_path / "t.jsonl"))
-    for r in read_trace(TRACE):
+    for r in read_trace(path):
         w.write(r)
     w.close()
-    assert (tmp_path / "t.jsonl").read_text().splitlines() == lines()
+    with open(path) as f:
+        assert (tmp_path / "t.jsonl").read_text() == f.read()
 
 
 @pytest.mark.parametrize("change, message", [
@@ -51,36 +61,101 @@ def test_malformed_trace_names_file_and_line(tmp_path, change, message):
     assert str(err.value).startswith(f"{bad}:{message[0]}: ")
 
 
+def calls_as_emitted(path=TRACE):
+    """What the BPF output carried for the recorded trace: its events, and a `left_out` record
+    for every call number the trace has no event for (a __request_region that succeeded)."""
+    events = [r for r in read_trace(path) if r["type"] == "event"]
+    seqs = {e["seq"] for e in events}
+    assert len(seqs) == len(events)
+    return sorted(events + [{"type": "left_out", "seq": n} for n in range(max(seqs)) if n not in seqs],
+                  key=lambda r: r["seq"])
+
+
 def test_call_order_is_restored_from_any_arrival_order():
-    events = [r for r in read_trace(TRACE) if r["type"] == "event"]
+    emitted = calls_as_emitted()
+    events = [r for r in emitted if r["type"] == "event"]
+    assert len(events) < len(emitted)              # the trace leaves some calls out
     rng = random.Random(7)
     for _ in range(5):
-        shuffled = events[:]
+        shuffled = emitted[:]
         rng.shuffle(shuffled)
         order, out = CallOrder(), []
         for i, e in enumerate(shuffled):
             out += order.feed(e, now=i)
-        assert [e["seq"] for e in out] == [e["seq"] for e in events] and not order.pending
+        assert out == events and not order.pending
 
 
-def test_a_missing_event_is_skipped_after_the_stall_time():
-    events = [r for r in read_trace(TRACE) if r["type"] == "event"][:20]
-    order = CallOrder(stall_seconds=10)
+def test_a_lost_event_is_written_as_skipped_after_the_wait():
+    emitted = calls_as_emitted()[:30]
+    lost = [r for r in emitted if r["type"] == "event"][3]
+    order = CallOrder(wait_seconds=1)          # no call in flight: the map of calls is empty
     out = []
-    for e in events[:5] + events[6:]:     # seq 5 never arrives (lost)
-        out += order.feed(e, now=0)
-    assert [e["seq"] for e in out] == list(range(5))
-    assert order.expire(now=5) == []
-    out += order.expire(now=11)
-    assert [e["seq"] for e in out] == [e["seq"] for e in events[:5] + events[6:]]
+    for e in emitted:
+        if e is not lost:
+            out += order.feed(e, now=0)
+    before = [r for r in emitted if r["type"] == "event" and r["seq"] < lost["seq"]]
+    after = [r for r in emitted if r["type"] == "event" and r["seq"] > lost["seq"]]
+    assert out == before
+    assert order.expire(now=0.5) == []
+    out += order.expire(now=2)
+    assert out == before + [{"type": "skipped", "seq": lost["seq"],
+                             "reason": "no event and no call in flight (lost)"}] + after
     assert order.skipped == 1
 
 
-def test_origin_comes_from_the_recorded_stacks():
+def test_a_slow_outer_call_holds_nothing_up_and_keeps_its_place():
+    # an outer call returns last (its event comes after its children's): while it runs, the
+    # trace says it began at its place, its children follow at once, its event comes at return
     events = [r for r in read_trace(TRACE) if r["type"] == "event"]
-    assert all(origin(e["stack"]) == e["origin"] for e in events)
-    by_fn = {}
-    for e in events:
-        by_fn.setdefault((e["fn"], e["origin"]), e)
-    assert ("arch_add_memory", "virtio_mem") in by_fn and ("arch_add_memory", "acpi") in by_fn
-    assert ("devm_memremap_pages", "fsdax") in by_fn and ("online_pages", "sysfs") in by_fn
+    [outer] = [e for e in events if e["fn"] == "add_memory_resource"][:1]
+    inside = [e for e in events if e["seq"] > outer["seq"] and e["tid"] == outer["tid"]
+              and e["ts_ns"] < outer["ts_ns"] + outer["duration_ns"]]
+    assert inside and all(e["seq"] == outer["seq"] + 1 + i for i, e in enumerate(inside))
+    running = {outer["seq"]: {k: v for k, v in outer.items() if k not in ("ret", "duration_ns")}}
+    order = CallOrder(wait_seconds=1, in_flight=running.get)
+    order.next_seq = outer["seq"]
+    out = []
+    for e in inside:
+        out += order.feed(e, now=0)
+    assert out == []                           # waiting for the outer call, briefly
+    out += order.expire(now=1.5)
+    assert [(r["type"], r["seq"]) for r in out] == \
+        [("begun", outer["seq"])] + [("event", e["seq"]) for e in inside]
+    assert out[0]["fn"] == "add_memory_resource" and "ret" not in out[0]
+    assert order.feed(outer, now=60) == [outer]    # its event, at return, after its children
+    assert order.skipped == 0 and not order.begun
+
+
+# What each lab step did, as the lab's own step log says (steps.jsonl): the driver that asked for
+# the calls of that step. Independent of the stacks the origins are derived from.
+ASKED_BY = {("kmem", "system-ram", "arch_add_memory"): "kmem",
+            ("kmem", "online", "online_pages"): "sysfs",
+            ("kmem", "devdax-again", "release_mem_region_adjustable"): "kmem",
+            ("dimm", "device-add", "arch_add_memory"): "acpi",
+            ("dimm", "online-movable", "online_pages"): "sysfs",
+            ("dimm", "device-del", "release_mem_region_adjustable"): "acpi",
+            ("virtio-mem", "grow", "arch_add_memory"): "virtio_mem",
+            ("virtio-mem", "shrink", "release_mem_region_adjustable"): "virtio_mem",
+            ("fsdax", "fsdax", "devm_memremap_pages"): "fsdax",
+            ("fsdax", "devdax", "devm_memremap_pages"): "devdax",
+            # teardowns, paired with the add they undo (the unbind itself goes through sysfs)
+            ("fsdax", "fsdax-raw", "memunmap_pages"): "fsdax",
+            ("fsdax", "devdax-raw", "memunmap_pages"): "devdax",
+            ("dimm", "eject-online", "offline_pages"): "acpi",
+            ("conflict", "device-add", "register_memory_resource"): "acpi"}
+
+
+@pytest.mark.parametrize("lab, name", BPF_TRACES)
+def test_origins_name_the_driver_each_lab_step_used(lab, name):
+    with open(f"{FIXTURES}/{lab}/steps.jsonl") as f:
+        steps = [json.loads(l) for l in f]
+    events = [r for r in read_trace(f"{FIXTURES}/{lab}/{name}") if r["type"] == "event"]
+    seen = {}
+    for prev, step in zip(steps, steps[1:]):
+        if prev["scenario"] != step["scenario"]:
+            continue
+        for e in events:
+            key = (step["scenario"], step["step"], e["fn"])
+            if key in ASKED_BY and prev["capture_ns"] < e["ts_ns"] <= step["capture_ns"]:
+                seen.setdefault(key, set()).add(e["origin"])
+    assert seen == {k: {v} for k, v in ASKED_BY.items()}

@@ -38,9 +38,20 @@ DIMM_BLOCKS = f"seq $(({{dimm_addr}} / {BLOCK_SIZE})) $((({{dimm_addr}} + {DIMM_
 
 # The one guest every scenario runs in: boot Movable memory for offline-edge/-middle/stress, and
 # an empty virtio-mem device (its 1 GiB appears only when the virtio-mem scenario asks).
-GUEST_APPEND = ["movablecore=1G"]
+# A second legacy pmem range, inside QEMU's device-memory window (DIMMs go there): once nd_pmem
+# claims it busy, a DIMM plugged at that address cannot get its System RAM (the conflict scenario).
+CONFLICT_ADDR, CONFLICT_SIZE = 9 << 30, 256 << 20
+GUEST_APPEND = ["movablecore=1G", f"memmap={CONFLICT_SIZE >> 20}M!{CONFLICT_ADDR:#x}"]
 GUEST_QEMU = [f"-object memory-backend-ram,id=vmem0,size={1 << 30}",
               "-device virtio-mem-pci,id=vm0,memdev=vmem0,node=0,requested-size=0"]
+
+
+# Debian builds CONFIG_MEMORY_NOTIFIER_ERROR_INJECT=m: an errno written to an action's `error`
+# makes that memory notifier action fail (lib/memory-notifier-error-inject.c)
+INJECT = ("modprobe memory-notifier-error-inject && "
+          "{ mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug; }")
+INJECT_DIR = "/sys/kernel/debug/notifier-error-inject/memory/actions"
+INJECTED_ERRNO = -12   # -ENOMEM
 
 
 def _offline_one(candidates):
@@ -61,6 +72,16 @@ class Step:
     save: Optional[str] = None           # keep the output's last line as {save} for later steps
     timeout: int = 120
     expect_rc: int = 0
+
+
+def _dimm_added(dimm, suffix):
+    """Steps that give QEMU a DIMM_SIZE memory backend and plug a pc-dimm on it. QEMU's address
+    for the DIMM is saved as {dimm_addr}; the guest adds it via ACPI (the until waits for it)."""
+    return [Step(f"object-add{suffix}", qmp=("object-add", {"qom-type": "memory-backend-ram",
+                                                           "id": f"{dimm}mem", "size": DIMM_SIZE})),
+            Step(f"device-add{suffix}", qmp=("device_add", {"driver": "pc-dimm", "id": dimm,
+                                                           "memdev": f"{dimm}mem"}),
+                 until=f"[ -e {MEM}/memory$((({{dimm_addr}} + {DIMM_SIZE}) / {BLOCK_SIZE} - 1)) ]")]
 
 
 @dataclass
@@ -90,14 +111,9 @@ SCENARIOS = {s.name: s for s in [
         Step("devdax-raw", sh="ndctl create-namespace -f -e namespace0.0 -m raw"),
     ]),
     Scenario("dimm", "ACPI pc-dimm: hot-add over QMP, its blocks onlined movable, offlined, "
-                     "device_del", [
+                     "device_del; then again, ejected while online (ACPI offlines it)", [
         Step("prepare", sh=OFFLINE_POLICY),
-        Step("object-add", qmp=("object-add", {"qom-type": "memory-backend-ram", "id": "dimm0mem",
-                                               "size": DIMM_SIZE})),
-        # QEMU's address for the DIMM is saved as {dimm_addr}; the guest adds it via ACPI
-        Step("device-add", qmp=("device_add", {"driver": "pc-dimm", "id": "dimm0",
-                                               "memdev": "dimm0mem"}),
-             until=f"[ -e {MEM}/memory$((({{dimm_addr}} + {DIMM_SIZE}) / {BLOCK_SIZE} - 1)) ]"),
+        *_dimm_added("dimm0", ""),
         Step("added", sh=f"for b in $({DIMM_BLOCKS}); do [ -e {MEM}/memory$b ] || exit 1; done; "
                          f"echo $({DIMM_BLOCKS})", save="dimm_blocks"),
         Step("online-movable", sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable > "
@@ -107,6 +123,14 @@ SCENARIOS = {s.name: s for s in [
         Step("device-del", qmp=("device_del", {"id": "dimm0"}),
              until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
         Step("object-del", qmp=("object-del", {"id": "dimm0mem"})),
+        # the ACPI eject path: device_del with the blocks online, the kernel offlines them itself
+        *_dimm_added("dimm1", "-2"),
+        Step("online-2", sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable > "
+                            f"{MEM}/memory$b/state || exit 1; done; echo $({DIMM_BLOCKS})",
+             save="dimm2_blocks"),
+        Step("eject-online", qmp=("device_del", {"id": "dimm1"}),
+             until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
+        Step("object-del-2", qmp=("object-del", {"id": "dimm1mem"})),
     ]),
     Scenario("virtio-mem", "virtio-mem: grow by 1 GiB and shrink to 0 with qom-set "
                            "requested-size, auto-onlined movable", [
@@ -138,9 +162,33 @@ SCENARIOS = {s.name: s for s in [
             f"echo online_movable > {MEM}/memory$b/state || exit 1; else busy=$((busy+1)); fi; "
             f"done; echo cycles=$ok busy=$busy")),
     ]),
-    Scenario("selftest", "the kernel's own tools/testing/selftests/memory-hotplug/"
-                         "mem-on-off-test.sh (from Debian's linux-source), with notifier error "
-                         "injection", [
+    Scenario("conflict", "a pc-dimm plugged where a pmem namespace holds the range busy: its "
+                         "System RAM request fails (-EEXIST), which ACPI takes as 'already used'", [
+        Step("prepare", sh=f"{PMEM_MODULES} && grep -q 'namespace1.0' /proc/iomem"),
+        Step("object-add", qmp=("object-add", {"qom-type": "memory-backend-ram", "id": "dimm2mem",
+                                               "size": CONFLICT_SIZE})),
+        # never unplugged: ACPI marked it enabled, and an eject would remove memory never added
+        Step("device-add", qmp=("device_add", {"driver": "pc-dimm", "id": "dimm2",
+                                               "memdev": "dimm2mem", "addr": CONFLICT_ADDR}),
+             # a failed add changes no view to wait for: the guest's ACPI work gets 10 s
+             until="sleep 10"),
+    ]),
+    Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "
+                         "then the kernel's own tools/testing/selftests/memory-hotplug/"
+                         "mem-on-off-test.sh (from Debian's linux-source)", [
+        # the selftest's own injection phase picks 2% of the blocks at random and may make no
+        # hotplug call at all: these two steps fail one offline and one online for certain
+        Step("offline-fails", save="offline_failed", sh=(
+            f"{INJECT} && b=$({MOVABLE_BLOCKS} | sed -n 2p) && "
+            f"echo {INJECTED_ERRNO} > {INJECT_DIR}/MEM_GOING_OFFLINE/error && "
+            f"if echo offline > {MEM}/memory$b/state; then echo 'offline went through' >&2; exit 1; fi; "
+            f"echo 0 > {INJECT_DIR}/MEM_GOING_OFFLINE/error && echo $b")),
+        Step("online-fails", save="online_failed", sh=(
+            "b=$(" + _offline_one(f"{MOVABLE_BLOCKS} | sed -n 3p") + ") && "
+            f"echo {INJECTED_ERRNO} > {INJECT_DIR}/MEM_GOING_ONLINE/error && "
+            f"if echo online_movable > {MEM}/memory$b/state; then echo 'online went through' >&2; exit 1; fi; "
+            f"echo 0 > {INJECT_DIR}/MEM_GOING_ONLINE/error && "
+            f"echo online_movable > {MEM}/memory$b/state && echo $b")),
         # copied into the results directory so the run is self-contained
         Step("mem-on-off-test", timeout=600, sh=(
             "cp -r {selftests}/memory-hotplug {results}/ && "

@@ -50,12 +50,14 @@ def run(results, names, release=None, progress=None):
                          start_recorder(guest, KFUNC_TRACE, "bpf", "kfunc"),
                          start_recorder(guest, PROCFS_TRACE, "procfs")]
             summary["recorder_start_seconds"] = recorders[0]["seconds"]
+            wait_daemon(guest, daemon)
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
             summary["recorded"] = [stop_recorder(guest, r) for r in recorders]
             summary["metrics"] = scrape_daemon(guest, daemon)
+            keep_evidence(guest)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for path in captures(results):
@@ -113,6 +115,30 @@ def start_daemon(guest):
     pid = guest.sh(f"{exe} run --listen 127.0.0.1:{DAEMON_PORT} --reconcile-interval 3600 "
                    f"> {log} 2>&1 & echo $!")["out"].strip()
     return {"pid": pid, "log": log}
+
+
+def wait_daemon(guest, daemon, timeout=300):
+    """Until the daemon serves /metrics: its probes attach first (bcc compiles in the guest)."""
+    deadline = time.monotonic() + timeout
+    while "serving /metrics" not in _read(daemon["log"]):
+        if time.monotonic() > deadline:
+            raise LabError(f"the daemon did not start; {daemon['log']}:\n{_read(daemon['log'])[-2000:]}")
+        time.sleep(1)
+
+
+# What the tests check the trace against, kept from the guest at the end of the session: the
+# symbols and module bounds the stacks were named from, pahole's struct offsets from the guest
+# kernel's BTF, and the program the probes loaded.
+EVIDENCE = {"kallsyms.txt": "cat /proc/kallsyms", "modules.txt": "cat /proc/modules",
+            "pahole.txt": "pahole -C zone,pglist_data,dev_pagemap,resource,range,mhp_params "
+                          "/sys/kernel/btf/vmlinux 2>/dev/null",
+            "program.c": "{exe} probes --ebpf"}
+
+
+def keep_evidence(guest):
+    exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
+    for name, command in EVIDENCE.items():
+        guest.sh(f"{command.format(exe=exe)} > {guest.results}/{name}", timeout=300)
 
 
 def scrape_daemon(guest, daemon):

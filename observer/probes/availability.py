@@ -11,20 +11,8 @@
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 
 from .functions import CORE
-
-
-@dataclass(frozen=True)
-class BpfStatus:
-    kprobes: bool
-    fentry: bool
-    reason: str        # one line: why BPF is off, or which method is available
-
-    @property
-    def available(self):
-        return self.kprobes or self.fentry
 
 
 def has_kprobes(root="/"):
@@ -48,13 +36,3 @@ def try_fentry(function=CORE[0], timeout=120):
         return False, f"fentry try on {function} did not finish in {timeout} s"
     last = (child.stdout.strip().splitlines() or ["no answer from the fentry try"])[-1]
     return child.returncode == 0, last
-
-
-def bpf_status():
-    kprobes = has_kprobes()
-    fentry, why = try_fentry()
-    release = os.uname().release
-    if kprobes or fentry:
-        return BpfStatus(kprobes, fentry, "kprobes available" if kprobes else "fentry available")
-    return BpfStatus(False, False, f"BPF off on {release}: no kprobes in this kernel "
-                                   f"(no kprobe PMU or kprobe_events); fentry {why}")

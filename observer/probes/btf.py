@@ -1,6 +1,7 @@
 """A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux): function prototypes with their
-parameter names and types, and enum values. Probe shapes and enum values come from here, never
-from `uname -r` or literals (DESIGN.md §2). Format: Documentation/bpf/btf.rst."""
+parameter names and types, struct member offsets, and enum values. Probe shapes, the offsets the
+BPF program reads at and enum values come from here, never from `uname -r`, the headers bcc
+compiles with, or literals (DESIGN.md §2). Format: Documentation/bpf/btf.rst."""
 
 import struct
 
@@ -36,10 +37,10 @@ class Btf:
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         while pos < end:
             name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
             fixed, per_item = _EXTRA.get(kind, (0, 0))
             body = pos + 12
-            self.types.append((kind, name_off, size_or_type, vlen, body))
+            self.types.append((kind, name_off, size_or_type, vlen, body, kind_flag))
             if kind == FUNC:
                 self.funcs[self._str(name_off)] = len(self.types) - 1
             elif kind in (ENUM, ENUM64) and name_off:
@@ -64,7 +65,7 @@ class Btf:
         """C spelling of a type: "u64", "struct zone *", "int", "const char *"."""
         if tid == 0:
             return "void"
-        kind, name_off, ref, _vlen, _body = self.types[tid]
+        kind, name_off, ref, _vlen, _body, kind_flag = self.types[tid]
         if kind == PTR:
             inner = self.type_name(ref)
             return inner + ("*" if inner.endswith("*") else " *")
@@ -73,8 +74,8 @@ class Btf:
             return f"{_MODIFIERS[kind]} {inner}".strip()
         name = self._str(name_off) if name_off else "(anon)"
         prefix = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum "}.get(kind, "")
-        if kind == FWD:
-            prefix = "union " if self.types[tid][3] else "struct "
+        if kind == FWD:   # kind_flag says which: `union u;` or `struct s;`
+            prefix = "union " if kind_flag else "struct "
         if kind == FUNC_PROTO:
             return "function"
         return prefix + name
@@ -86,7 +87,7 @@ class Btf:
         if fid is None:
             return None
         proto = self.types[fid][2]
-        kind, _n, _ret, vlen, body = self.types[proto]
+        kind, _n, _ret, vlen, body, _kf = self.types[proto]
         if kind != FUNC_PROTO:
             raise BtfError(f"{self.path}: FUNC {name} does not point at a FUNC_PROTO")
         params = []
@@ -102,17 +103,29 @@ class Btf:
     def struct_members(self, name):
         """{member: C type} of `struct name` (anonymous unions' members included), or None."""
         tid = self.structs.get(name)
-        return None if tid is None else self._members(tid)
+        return None if tid is None else {m: t for m, (_off, t) in self._members(tid, 0).items()}
 
-    def _members(self, tid):
-        _kind, _n, _size, vlen, body = self.types[tid]
+    def struct_offsets(self, name):
+        """{member: byte offset} of `struct name` (anonymous members' own members at their
+        place in it), or None: where the running kernel keeps each field."""
+        tid = self.structs.get(name)
+        return None if tid is None else {m: off for m, (off, _t) in self._members(tid, 0).items()}
+
+    def struct_size(self, name):
+        tid = self.structs.get(name)
+        return None if tid is None else self.types[tid][2]
+
+    def _members(self, tid, base):
+        _kind, _n, _size, vlen, body, kind_flag = self.types[tid]
         out = {}
         for i in range(vlen):
-            name_off, mtid, _offset = struct.unpack_from("<III", self.data, body + 12 * i)
+            name_off, mtid, bits = struct.unpack_from("<III", self.data, body + 12 * i)
+            # with kind_flag the top 8 bits are a bitfield's size, the rest its bit offset
+            offset = base + ((bits & 0xFFFFFF) if kind_flag else bits) // 8
             if name_off:
-                out[self._str(name_off)] = self.type_name(mtid)
+                out[self._str(name_off)] = (offset, self.type_name(mtid))
             elif self.types[mtid][0] in (STRUCT, UNION):
-                out.update(self._members(mtid))
+                out.update(self._members(mtid, offset))
         return out
 
     def enum_values(self, name):
@@ -120,7 +133,7 @@ class Btf:
         tid = self.enums.get(name)
         if tid is None:
             return None
-        kind, _n, _size, vlen, body = self.types[tid]
+        kind, _n, _size, vlen, body, _kf = self.types[tid]
         out = {}
         for i in range(vlen):
             if kind == ENUM:

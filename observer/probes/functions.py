@@ -9,7 +9,14 @@ COMPANIONS = ("memremap_pages", "memunmap_pages", "move_pfn_range_to_zone",
               "remove_pfn_range_from_zone", "online_pages", "offline_pages",
               "add_memory_resource", "try_remove_memory", "arch_remove_memory")
 
-# Resource claims that show a conflict (a hot-add refused) or where a device-private region lands.
-RESOURCES = ("register_memory_resource", "request_free_mem_region")
+# The device-private path as GPU drivers take it: devm_request_free_mem_region calls the static
+# __request_free_mem_region (not request_free_mem_region), and memremap_pages adds the pages
+# through add_pages, not arch_add_memory (kernel-reference.md §2.4).
+DEVICE_PRIVATE = ("add_pages", "request_free_mem_region", "devm_request_free_mem_region",
+                  "__request_free_mem_region")
 
-ALL = CORE + COMPANIONS + RESOURCES
+# Resource claims that show a conflict: a hot-add refused (register_memory_resource returns
+# -EEXIST), any region request that failed (__request_region, failures only).
+RESOURCES = ("register_memory_resource", "__request_region")
+
+ALL = CORE + COMPANIONS + DEVICE_PRIVATE + RESOURCES

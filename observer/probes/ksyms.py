@@ -1,15 +1,37 @@
 """Kernel addresses to "function [module]" names from /proc/kallsyms. bcc's own ksym() caches
 kallsyms once, so modules loaded later (kmem, virtio_mem, loaded on demand) resolve to the wrong
-neighbour; this table reloads whenever /proc/modules changes."""
+neighbour; this table reloads whenever /proc/modules changes.
+
+Lookups are bounded by module: an address inside a module's memory (its base and size in
+/proc/modules) is named only by that module's own symbols. Without the bound, the nearest symbol
+below an address can belong to another module (a devdax stack once showed `nd_btt_init [nd_btt]`,
+an init-only function of an unrelated module, between devm_create_dev_dax and dax_pmem_probe).
+An address no symbol of its module explains is given as "0xADDR [module]"."""
 
 import bisect
+
+
+def parse_modules(text):
+    """[(start, end, name)] from /proc/modules ("name size refcount deps state address ...").
+    The range can over-reach (6.4+ prints the text base and the size of all the module's
+    memory), so one address may lie in several: any of them may name it."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].startswith("0x"):
+            base = int(parts[5], 16)
+            if base:   # zero without CAP_SYSLOG: no bounds can be known
+                out.append((base, base + int(parts[1]), parts[0]))
+    return sorted(out)
 
 
 class Ksyms:
     def __init__(self, kallsyms="/proc/kallsyms", modules="/proc/modules"):
         self.kallsyms, self.modules = kallsyms, modules
         self.seen_modules = None
-        self.addrs, self.names = [], []
+        self.addrs, self.names, self.owners = [], [], []
+        self.by_module = {}        # module -> ([addrs], [names])
+        self.ranges = []
 
     def _refresh(self):
         try:
@@ -25,16 +47,36 @@ class Ksyms:
                 parts = line.split()
                 if len(parts) >= 3 and parts[1] in "tTwW":
                     module = parts[3].strip("[]") if len(parts) > 3 else "kernel"
-                    table.append((int(parts[0], 16), f"{parts[2]} [{module}]"))
+                    table.append((int(parts[0], 16), parts[2], module))
         table.sort()
-        self.addrs = [a for a, _ in table]
-        self.names = [n for _, n in table]
+        self.addrs = [a for a, _, _ in table]
+        self.names = [f"{n} [{m}]" for _, n, m in table]
+        self.owners = [m for _, _, m in table]
+        self.by_module = {}
+        for a, n, m in table:
+            addrs, names = self.by_module.setdefault(m, ([], []))
+            addrs.append(a)
+            names.append(f"{n} [{m}]")
+        self.ranges = parse_modules(mods)
         self.seen_modules = mods
+
+    def _modules_at(self, addr):
+        return [name for start, end, name in self.ranges if start <= addr < end]
+
+    def name_of(self, addr):
+        i = bisect.bisect_right(self.addrs, addr) - 1
+        if i < 0 or not self.addrs[i]:
+            return f"{addr:#x}"
+        inside = self._modules_at(addr)
+        if not inside or self.owners[i] in inside:
+            return self.names[i]
+        for module in inside:       # the nearest symbol of the module the address is in
+            addrs, names = self.by_module.get(module, ([], []))
+            j = bisect.bisect_right(addrs, addr) - 1
+            if j >= 0:
+                return names[j]
+        return f"{addr:#x} [{inside[0]}]"
 
     def names_of(self, addrs):
         self._refresh()
-        out = []
-        for a in addrs:
-            i = bisect.bisect_right(self.addrs, a) - 1
-            out.append(self.names[i] if i >= 0 and self.addrs[i] else f"{a:#x}")
-        return out
+        return [self.name_of(a) for a in addrs]

@@ -22,7 +22,8 @@ from .decode import decode
 from .functions import ALL, CORE
 from .ksyms import Ksyms
 from .order import CallOrder
-from .shapes import layouts as read_layouts, shape_of
+from .pairing import Pairing
+from .shapes import LayoutError, layouts as read_layouts, shape_of
 
 
 class ProbeError(Exception):
@@ -37,7 +38,7 @@ class ProbeStatus:
     method: str                  # "kprobe" or "none"
     attached: bool
     reason: str = ""             # why not attached
-    symbol: Optional[str] = None  # the kallsyms name attached (a .isra/.constprop clone maybe)
+    symbol: Optional[str] = None  # the kallsyms name attached: the function's own, never a clone
 
 
 def kallsyms_names(path="/proc/kallsyms"):
@@ -50,12 +51,10 @@ def kallsyms_names(path="/proc/kallsyms"):
     return names
 
 
-def _symbol_for(function, names):
-    """The function itself, or the compiler's clone of it (name.isra.0, name.constprop.0)."""
-    if function in names:
-        return function
-    clones = sorted(n for n in names if re.match(re.escape(function) + r"\.(isra|constprop|part)\.\d+$", n))
-    return clones[0] if clones else None
+def _clones(function, names):
+    """The compiler's copies of a function (name.isra.0, name.constprop.0, name.part.0): they may
+    drop or reorder arguments, and a .part is not the entry, so they are never attached."""
+    return sorted(n for n in names if re.match(re.escape(function) + r"\.(isra|constprop|part|cold)\.\d+$", n))
 
 
 @contextlib.contextmanager
@@ -85,16 +84,18 @@ def has_ringbuf(names):
 
 class Probes:
     def __init__(self, functions=ALL, strict=False, method="auto",
-                 page_size=os.sysconf("SC_PAGE_SIZE")):
+                 page_size=os.sysconf("SC_PAGE_SIZE"), kallsyms="/proc/kallsyms"):
         if method not in ("auto", "kprobe", "kfunc"):
             raise ProbeError(f"unknown probe method {method!r}")
         self.functions = functions
+        self.kallsyms = kallsyms
         self.strict = strict
         self.method = method
         self.page_size = page_size
         self.status = {}
         self.bpf = None
-        self.order = CallOrder()
+        self.order = CallOrder(in_flight=self._in_flight)
+        self.pairing = Pairing()
         self.ksyms = Ksyms()
         self.lost_seen = 0
 
@@ -104,22 +105,28 @@ class Probes:
             btf = Btf.load()
         except BtfError as e:
             raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
-        names = kallsyms_names()
+        names = kallsyms_names(self.kallsyms)
         kprobes = has_kprobes()
         if self.method == "kprobe" and not kprobes:
             raise ProbeError("--probe-method kprobe: this kernel has no kprobes")
         method = "kprobe" if self.method == "auto" and kprobes else (
             "kfunc" if self.method == "auto" else self.method)
-        self.layouts = read_layouts(btf)
+        try:
+            self.layouts = read_layouts(btf)
+        except LayoutError as e:
+            raise ProbeError(f"{e}: the probes cannot know where to read") from None
         self.shapes = {}
         self.ringbuf = has_ringbuf(names)
         for fn in self.functions:
             shape = shape_of(btf, fn)
-            symbol = _symbol_for(fn, names)
+            symbol = fn if fn in names else None
             st = ProbeStatus(fn, shape is not None and symbol is not None,
                              shape.describe() if shape else None, method, False, symbol=symbol)
             if shape is None:
                 st.reason = "not in BTF (absent or inlined in this kernel)"
+            elif symbol is None and _clones(fn, names):
+                st.reason = (f"only compiler clones in kallsyms ({', '.join(_clones(fn, names))}): "
+                             "their arguments may differ from the prototype")
             elif symbol is None:
                 st.reason = "not in kallsyms (inlined)"
             else:
@@ -225,11 +232,24 @@ class Probes:
         ctypes.memmove(ctypes.addressof(ev), data, ctypes.sizeof(ev))
         self._pending.append(ev)
 
-    def _frames(self, ev):
-        return self.ksyms.names_of(ev.stack[:max(0, ev.stack_bytes) // 8])
+    def _decode(self, ev):
+        shape = self.shapes[self.functions[ev.fn]]
+        frames = self.ksyms.names_of(ev.stack[:max(0, ev.stack_bytes) // 8])
+        return decode(ev, shape, self.layouts, self.page_size, frames)
+
+    def _in_flight(self, seq):
+        """The entry half of call `seq` if it is still running (in the map of calls in flight)."""
+        for _key, ev in self.bpf[b"inflight"].items():
+            if ev.seq == seq:
+                begun = self._decode(ev)
+                for returned in ("ret", "duration_ns", "span_after", "pgmap"):
+                    begun.pop(returned, None)
+                return begun
+        return None
 
     def poll(self, timeout_ms=200):
-        """Events now in call order (decoded trace dicts), and the count of newly lost events."""
+        """Records now in call order (decoded trace events, and `begun`/`skipped` where a call
+        held the order up), and the count of newly lost events."""
         if self.bpf is None:
             time.sleep(timeout_ms / 1000)
             return [], 0
@@ -240,17 +260,16 @@ class Probes:
         now = time.monotonic()
         out = []
         for ev in self._pending:
-            fn = self.functions[ev.fn]
-            event = decode(ev, self.shapes[fn], self.layouts, self.page_size, self._frames(ev))
-            out += self.order.feed(event, now)
+            out += self.order.feed(self._decode(ev), now)
         self._pending = []
         out += self.order.expire(now)
+        out = [self.pairing.feed(r) for r in out]
         lost = self.bpf[b"counters"][ctypes.c_int(1)].value
         new_lost, self.lost_seen = lost - self.lost_seen, lost
         return out, new_lost
 
     def drain(self):
-        return self.order.drain()
+        return [self.pairing.feed(r) for r in self.order.drain()]
 
     def close(self):
         if self.bpf is not None:

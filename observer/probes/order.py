@@ -1,44 +1,65 @@
 """Call order. Every probed call takes a number from one global counter at entry (in BPF), and
 its event is emitted at return. Events arrive in return order (nested calls return first) and,
 from per-CPU perf buffers, in any order; releasing them by that number restores the order in
-which the kernel made the calls. Pure: events in, events out."""
+which the kernel made the calls. Pure: events in, records out.
+
+A call can run for long (memunmap_pages waiting for page references, offline_pages migrating, a
+large DIMM onlined): everything after it would wait for its return. So when the next number has
+not come for `wait_seconds`, the caller is asked what became of it (`in_flight(seq)`: the
+entry half of a call still running, read from the BPF map of calls in flight), and the trace
+says so at that place: a `begun` record for a call in flight, whose event then comes later with
+the same seq, or a `skipped` record for a number with neither event nor call (a lost event).
+Order is kept, nothing waits long, nothing is dropped silently."""
 
 
 class CallOrder:
-    def __init__(self, stall_seconds=10.0):
+    def __init__(self, wait_seconds=1.0, in_flight=lambda seq: None):
         self.next_seq = 0           # the counter starts at 0 when the program loads
         self.pending = {}           # seq -> (event, arrival time)
-        self.stall_seconds = stall_seconds
-        self.skipped = 0            # numbers given up on (a lost event, a call that never returned)
+        self.wait_seconds = wait_seconds
+        self.in_flight = in_flight  # seq -> the entry half of a running call (a dict), or None
+        self.begun = set()          # seqs written as `begun`, whose events are still to come
+        self.skipped = 0            # numbers written as `skipped`
 
     def feed(self, event, now):
-        """Add one event; return the events that are now in order."""
+        """Add one event (or a `left_out` record: a call the trace leaves out, which only frees
+        its number); return the records now in order."""
         seq = event["seq"]
-        if seq < self.next_seq:     # released past it already (after a stall): late, let it out
-            return [event]
+        if seq < self.next_seq:     # its `begun` (or `skipped`) record holds its place already
+            self.begun.discard(seq)
+            return [event] if event["type"] == "event" else []
         self.pending[seq] = (event, now)
         return self._release()
 
     def _release(self):
         out = []
         while self.next_seq in self.pending:
-            out.append(self.pending.pop(self.next_seq)[0])
+            event = self.pending.pop(self.next_seq)[0]
+            if event["type"] == "event":
+                out.append(event)
             self.next_seq += 1
         return out
 
     def expire(self, now):
-        """A number whose event has not come while later ones waited stall_seconds is skipped:
-        its call is still running, or its event was lost (which the lost counter reports)."""
+        """Records for the numbers the waiting events have waited for too long."""
         out = []
-        while self.pending and min(t for _, t in self.pending.values()) < now - self.stall_seconds:
-            first = min(self.pending)
-            self.skipped += first - self.next_seq
-            self.next_seq = first
+        while self.pending and min(t for _, t in self.pending.values()) < now - self.wait_seconds:
+            for seq in range(self.next_seq, min(self.pending)):
+                call = self.in_flight(seq)
+                if call is not None:
+                    out.append(dict(call, type="begun"))
+                    self.begun.add(seq)
+                else:
+                    out.append({"type": "skipped", "seq": seq,
+                                "reason": "no event and no call in flight (lost)"})
+                    self.skipped += 1
+            self.next_seq = min(self.pending)
             out += self._release()
         return out
 
     def drain(self):
         """Everything still held, in order (at the end of a recording)."""
-        out = [self.pending[s][0] for s in sorted(self.pending)]
+        out = [self.pending[s][0] for s in sorted(self.pending)
+               if self.pending[s][0]["type"] == "event"]
         self.pending.clear()
         return out

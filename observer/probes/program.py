@@ -4,8 +4,18 @@ Pure text generation: nothing here loads or attaches anything."""
 
 import ctypes
 import os
+import sys
 
-TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "memhp.c")
+from .shapes import FAILURES_ONLY
+
+MAX_RANGES = 8    # a pgmap's ranges the event carries (drivers map one to a few)
+
+
+def template_path():
+    """bpf/memhp.c: beside observer/ in a checkout, under share/memhp-observer once installed."""
+    here = os.path.join(os.path.dirname(__file__), "..", "..", "bpf", "memhp.c")
+    installed = os.path.join(sys.prefix, "share", "memhp-observer", "bpf", "memhp.c")
+    return here if os.path.exists(here) else installed
 
 # One table for the C struct and its ctypes twin. u64s first, so neither side pads.
 FIELDS = (
@@ -13,10 +23,13 @@ FIELDS = (
     ("start", "u64"), ("size", "u64"), ("start_pfn", "u64"), ("nr_pages", "u64"),
     ("zone_ptr", "u64"), ("span_start_before", "u64"), ("span_pages_before", "u64"),
     ("span_start_after", "u64"), ("span_pages_after", "u64"),
-    ("pgmap_ptr", "u64"), ("pgmap_start", "u64"), ("pgmap_end", "u64"),
-    ("res_start", "u64"), ("res_end", "u64"), ("res_flags", "u64"),
+    ("present_before", "u64"), ("present_after", "u64"),
+    ("pgmap_ptr", "u64"), ("pgmap_ranges", f"u64[{2 * MAX_RANGES}]"),
+    ("res_start", "u64"), ("res_end", "u64"), ("res_flags", "u64"), ("res_desc", "u64"),
     ("fn", "u32"), ("pid", "u32"), ("tid", "u32"), ("nid", "s32"), ("zone_idx", "s32"),
-    ("zone_nid", "s32"), ("pgmap_type", "u32"), ("pgmap_nr_range", "s32"), ("zone_device", "u32"),
+    ("zone_nid", "s32"), ("pgmap_type", "u32"), ("pgmap_nr_range", "s32"), ("zone_device", "s32"),
+    ("mhp_flags", "u32"),
+    ("left_out", "u32"),   # a call the trace leaves out: emitted so its number is not awaited
     ("stack_bytes", "s32"), ("comm", "char[16]"), ("res_name", "char[32]"),
     ("stack", "u64[32]"),
 )
@@ -51,10 +64,11 @@ def _reads(shape, arg):
             "start_pfn": f"e->start_pfn = (u64){a};",
             "nr_pages": f"e->nr_pages = (u64){a};",
             "zone": f"e->zone_ptr = (u64){a}; read_zone(e, 0);",
-            "pgmap": f"read_pgmap(e, (u64){a});",
+            "pgmap": f"e->pgmap_ptr = (u64){a};",
             "res": f"read_res(e, (u64){a});",
             "params": f"read_params(e, (u64){a});",
             "name": f"bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), (void *){a});",
+            "mhp_flags": f"e->mhp_flags = (u32){a};",
         }[role])
     return reads
 
@@ -66,8 +80,12 @@ def _finish(shape, ret, ringbuf):
         lines.append(f"e->ret = (s64){ret};")
     if shape.role_position("zone"):
         lines.append("read_zone(e, 1);")
+    if shape.role_position("pgmap") or shape.role_position("params"):
+        lines.append("read_pgmap(e);")
     if shape.returns == "resource":   # a struct resource * that is neither NULL nor ERR_PTR
         lines.append("if (e->ret && (u64)e->ret < (u64)-4095) read_res(e, (u64)e->ret);")
+    if shape.function in FAILURES_ONLY:
+        lines.append("e->left_out = e->ret != 0;   // succeeded: only its number is wanted")
     lines.append("if (events.ringbuf_output(e, sizeof(*e), 0)) count_lost();" if ringbuf else
                  "if (events.perf_submit(ctx, e, sizeof(*e)) < 0) count_lost();")
     return lines
@@ -115,34 +133,52 @@ def _probe_pair(index, shape, ringbuf, method):
 """
 
 
-def build(shapes, layouts, ringbuf=True, method="kprobe", template=TEMPLATE):
+def _offsets(layouts):
+    lines = [f"#define OFF_{struct}_{member} {off}"
+             for (struct, member), off in sorted(layouts.offsets.items())]
+    lines += [f"#define SIZEOF_{struct} {size}" for struct, size in sorted(layouts.sizes.items())]
+    return "\n".join(lines)
+
+
+_PGMAP_RANGES = f"""    int n = 0;
+    read_at(&n, sizeof(n), pgmap, OFF(dev_pagemap, nr_range));
+    e->pgmap_nr_range = n;
+    for (int i = 0; i < {MAX_RANGES}; i++) {{
+        if (i >= n)
+            break;
+        u64 range = pgmap + OFF(dev_pagemap, range) + i * SIZEOF_range;
+        read_at(&e->pgmap_ranges[2 * i], 8, range, OFF(range, start));
+        read_at(&e->pgmap_ranges[2 * i + 1], 8, range, OFF(range, end));
+    }}"""
+
+_PGMAP_RES = """    // before 5.10 a pgmap has one struct resource, not ranges
+    e->pgmap_nr_range = 1;
+    read_at(&e->pgmap_ranges[0], 8, pgmap, OFF(dev_pagemap, res) + OFF(resource, start));
+    read_at(&e->pgmap_ranges[1], 8, pgmap, OFF(dev_pagemap, res) + OFF(resource, end));"""
+
+_PARAMS_PGMAP = """    u64 pgmap = 0;
+    read_at(&pgmap, sizeof(pgmap), plain(ptr), OFF(mhp_params, pgmap));
+    e->zone_device = pgmap != 0;   // only memremap_pages passes a pgmap
+    e->pgmap_ptr = pgmap;"""
+
+_NO_PARAMS_PGMAP = """    // mhp_params has no pgmap before 5.17: unknown here, ZONE_DEVICE shows in memremap_pages
+    e->zone_device = -1;"""
+
+
+def build(shapes, layouts, ringbuf=True, method="kprobe", template=None):
     """C text for the given {index: Shape}; indexes are the `fn` values events carry.
     method: "kprobe" (enter_N/leave_N, attached by name) or "kfunc" (fentry/fexit, attached by
     bcc when the program loads)."""
-    with open(template) as f:
+    with open(template or template_path()) as f:
         text = f.read()
-    pgmap_range = ("    bpf_probe_read_kernel(&e->pgmap_nr_range, sizeof(e->pgmap_nr_range), &pgmap->nr_range);\n"
-                   "    bpf_probe_read_kernel(&e->pgmap_start, sizeof(e->pgmap_start), &pgmap->range.start);\n"
-                   "    bpf_probe_read_kernel(&e->pgmap_end, sizeof(e->pgmap_end), &pgmap->range.end);"
-                   if layouts.pgmap_has_range else
-                   "    e->pgmap_nr_range = 1;  // before 5.10: one struct resource res\n"
-                   "    bpf_probe_read_kernel(&e->pgmap_start, sizeof(e->pgmap_start), &pgmap->res.start);\n"
-                   "    bpf_probe_read_kernel(&e->pgmap_end, sizeof(e->pgmap_end), &pgmap->res.end);")
-    params_pgmap = ("    struct mhp_params *p = (struct mhp_params *)ptr;\n"
-                    "    u64 pgmap = 0;\n"
-                    "    bpf_probe_read_kernel(&pgmap, sizeof(pgmap), &p->pgmap);\n"
-                    "    e->zone_device = pgmap != 0;\n"
-                    "    if (pgmap)\n"
-                    "        read_pgmap(e, pgmap);"
-                    if layouts.params_has_pgmap else
-                    "    // mhp_params has no pgmap before 5.17: ZONE_DEVICE shows in memremap_pages")
     output = ("BPF_RINGBUF_OUTPUT(events, 64);  // one order for all CPUs" if ringbuf else
               "BPF_PERF_OUTPUT(events);  // per CPU: Python restores call order by seq")
     replacements = {
         "@EVENT_FIELDS@": "\n".join(_c_field(n, t) for n, t in FIELDS),
+        "@OFFSETS@": _offsets(layouts),
         "@OUTPUT_DECL@": output,
-        "@PGMAP_RANGE@": pgmap_range,
-        "@PARAMS_PGMAP@": params_pgmap,
+        "@PGMAP_RANGES@": _PGMAP_RANGES if layouts.pgmap_has_range else _PGMAP_RES,
+        "@PARAMS_PGMAP@": _PARAMS_PGMAP if layouts.params_has_pgmap else _NO_PARAMS_PGMAP,
         "@PROBES@": "\n".join(_probe_pair(i, s, ringbuf, method) for i, s in sorted(shapes.items())),
     }
     for key, value in replacements.items():

@@ -2,9 +2,10 @@
 the running kernel's BTF. Adding a kernel version adds nothing here as long as the kernel keeps
 its parameter names; a renamed parameter is a new entry in ROLE_BY_PARAM.
 
-A role is what the decoder makes of an argument: nid, a byte range (start/size), a pfn range
-(start_pfn/nr_pages), a zone (its span is read at entry and at return), a dev_pagemap (type and
-first range), a resource, mhp_params (does it carry a pgmap: ZONE_DEVICE), a resource name."""
+A role is what the decoder makes of an argument: nid, a byte range (start/size, or a size
+alone), a pfn range (start_pfn/nr_pages), a zone (span and present pages read at entry and at
+return), a dev_pagemap (pointer, type and ranges), a resource, mhp_params (does it carry a pgmap:
+ZONE_DEVICE), mhp_flags, a resource name."""
 
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -24,7 +25,14 @@ ROLE_BY_PARAM = {
     ("res", "struct resource *"): "res",
     ("params", "struct mhp_params *"): "params",
     ("resource_name", "const char *"): "name", ("name", "const char *"): "name",
+    ("n", "resource_size_t"): "size",                  # __request_region
+    ("size", "long unsigned int"): "size",             # request_free_mem_region and kin
+    ("mhp_flags", "mhp_t"): "mhp_flags",
 }
+
+# Functions whose successful calls the trace leaves out: __request_region serves every driver's
+# region claims; only its failures (a hot-add refused, a conflict) matter here.
+FAILURES_ONLY = ("__request_region",)
 
 MAX_ARGS = 6   # x86-64 passes six arguments in registers (PT_REGS_PARM1..6)
 
@@ -71,9 +79,27 @@ def shapes(btf, functions=ALL):
     return {fn: shape_of(btf, fn) for fn in functions}
 
 
+class LayoutError(Exception):
+    pass
+
+
+# The struct fields the BPF program reads, by the offsets the running kernel's BTF gives.
+# kernel-reference.md §3: they move between builds (dev_pagemap.type is at 96 in Debian 6.1 and
+# 104 in 6.12), so a program compiled against another kernel's headers would read garbage.
+FIELDS_READ = {
+    "zone": ("zone_start_pfn", "spanned_pages", "present_pages", "zone_pgdat"),
+    "pglist_data": ("node_zones", "node_id"),
+    "resource": ("start", "end", "name", "flags", "desc"),
+    "range": ("start", "end"),
+}
+SIZES_READ = ("zone", "range")
+
+
 @dataclass(frozen=True)
 class Layouts:
     """Struct layouts that change across kernels, and the kernel's enum values."""
+    offsets: dict               # (struct, member) -> byte offset
+    sizes: dict                 # struct -> sizeof
     pgmap_has_range: bool       # struct dev_pagemap: range/ranges (5.10+) or res (before)
     params_has_pgmap: bool      # struct mhp_params.pgmap (5.17+)
     memory_types: dict          # value -> MEMORY_DEVICE_* name
@@ -86,10 +112,25 @@ _ZONEINFO_NAME = {"ZONE_DMA": "DMA", "ZONE_DMA32": "DMA32", "ZONE_NORMAL": "Norm
 
 
 def layouts(btf):
-    pgmap = btf.struct_members("dev_pagemap") or {}
-    params = btf.struct_members("mhp_params") or {}
+    """The running kernel's layouts; LayoutError names a struct or field its BTF lacks."""
+    pgmap = btf.struct_offsets("dev_pagemap") or {}
+    params = btf.struct_offsets("mhp_params") or {}
+    wanted = dict(FIELDS_READ)
+    wanted["dev_pagemap"] = ("type", "nr_range", "range") if "range" in pgmap else ("type", "res")
+    if "pgmap" in params:
+        wanted["mhp_params"] = ("pgmap",)
+    offsets = {}
+    for struct, members in wanted.items():
+        have = btf.struct_offsets(struct)
+        if have is None:
+            raise LayoutError(f"struct {struct} is not in the kernel's BTF")
+        for m in members:
+            if m not in have:
+                raise LayoutError(f"struct {struct} has no member {m} in the kernel's BTF")
+            offsets[(struct, m)] = have[m]
+    sizes = {s: btf.struct_size(s) for s in SIZES_READ}
     types = btf.enum_values("memory_type") or {}
     zones = btf.enum_values("zone_type") or {}
-    return Layouts("range" in pgmap, "pgmap" in params,
+    return Layouts(offsets, sizes, "range" in pgmap, "pgmap" in params,
                    {v: k for k, v in types.items()},
                    {v: _ZONEINFO_NAME.get(k, k) for k, v in zones.items() if k in _ZONEINFO_NAME})
