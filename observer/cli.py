@@ -74,12 +74,12 @@ def cmd_lab(args):
     from .lab import session
     from .lab.guest import LabError
     from .lab.kernels import LabSetupError
-    from .lab.scenarios import SCENARIOS
+    from .lab.scenarios import SCENARIOS, default_scenarios
     if args.list:
         for s in SCENARIOS.values():
-            print(f"{s.name:<14} {s.what}")
+            print(f"{s.name:<14} {s.what}" + (" (own boot: name it)" if s.append else ""))
         return 0
-    names = args.scenario or list(SCENARIOS)
+    names = args.scenario or default_scenarios()
     try:
         summary = session.run(args.results, names, release=args.kernel)
     except (LabError, LabSetupError) as e:
@@ -217,7 +217,8 @@ def build_parser():
     lab.add_argument("--results", default="/tmp/memhp-lab", metavar="DIR",
                      help="results directory, shared read-write with the guest (default /tmp/memhp-lab)")
     lab.add_argument("--scenario", action="append", metavar="NAME",
-                     help="run this scenario (repeatable; default: all, in one boot)")
+                     help="run this scenario (repeatable; default: all but those that need a "
+                          "boot of their own, in one boot)")
     lab.add_argument("--list", action="store_true", help="list the scenarios and exit")
     lab.set_defaults(func=cmd_lab)
 

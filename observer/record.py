@@ -51,7 +51,6 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
              len(attached), len(status), time.monotonic() - began)
     first = snapshot_record(root)
     writer = TraceWriter(path)
-    blocks = first.get("memory_blocks")
     writer.write({"type": "header", "format": FORMAT, "version": VERSION,
                   "kernel": os.uname().release if root == "/" else snapshot.read_kernel_release(root),
                   "page_size": snapshot.PAGE_SIZE,

@@ -1,6 +1,7 @@
 """Readers, snapshot and check on the views captured in the lab (tests/fixtures/lab-6.1 and
-lab-6.12: every capture of one `memhp-observer lab` session on Debian 6.1 and on 6.12, copied
-from its results directory with its steps.jsonl and traces), and on this host's capture."""
+lab-6.12: every capture of one `memhp-observer lab` session on Debian 6.1 and on 6.12, the
+conflict scenario in the same boot, copied from its results directory with its steps.jsonl and
+traces), and on this host's capture."""
 
 import glob
 import json

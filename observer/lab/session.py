@@ -41,7 +41,8 @@ def run(results, names, release=None, progress=None):
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         kwargs = {"progress": progress} if progress else {}
-        with Guest(results, release=release, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
+        append = GUEST_APPEND + [a for n in names for a in SCENARIOS[n].append]
+        with Guest(results, release=release, append=append, qemu_opts=GUEST_QEMU,
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
             # the probes' trace (kprobes), the same through fentry, and what procfs mode sees
