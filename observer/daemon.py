@@ -17,7 +17,7 @@ from .metrics import StateCollector
 from .snapshot import Snapshot
 from .uevents import UeventListener
 from .probes.availability import has_kprobes, try_fentry
-from .probes.loader import ProbeError, Probes
+from .probes.loader import ProbeError, attach
 from .views.source import ViewError
 
 log = logging.getLogger("memhp-observer")
@@ -73,22 +73,10 @@ class Daemon:
                     raise ProbeError(f"--mode bpf: {reason}")
                 log.info("BPF off: %s: procfs mode", reason)
                 return {}
-        probes = Probes()
-        try:
-            status = probes.start()
-        except ProbeError as e:
-            if self.mode == "bpf":
-                raise
-            log.info("BPF off: %s: procfs mode", e)
+        probes, status = attach(self.mode)
+        if probes is None:
             return {}
         attached = {fn: st.method for fn, st in status.items() if st.attached}
-        if not attached:
-            probes.close()
-            reason = "; ".join(sorted({st.reason for st in status.values() if st.reason}))
-            if self.mode == "bpf":
-                raise ProbeError(f"--mode bpf: no probe attached: {reason}")
-            log.info("BPF off: %s: procfs mode", reason)
-            return {}
         self.probes = probes
         log.info("BPF mode: %d of %d functions attached", len(attached), len(status))
         return attached

@@ -6,7 +6,7 @@ import os
 import time
 
 from . import snapshot
-from .probes.loader import ProbeError, Probes
+from .probes.loader import attach
 from .uevents import UeventListener
 from .trace import FORMAT, VERSION, TraceWriter
 
@@ -26,26 +26,9 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
     mode: auto (BPF where it attaches, else procfs), bpf (fail unless a probe attaches), procfs
     (no probes: snapshots and memory-block uevents)."""
     began = time.monotonic()
-    probes, status = None, {}
-    if mode != "procfs":   # procfs mode needs neither BTF nor bcc
-        probes = Probes(strict=strict, method=probe_method)
-        try:
-            status = probes.plan()
-            probes.start()
-        except ProbeError as e:
-            if mode == "bpf":
-                raise
-            log.info("BPF off: %s", e)
-            probes.close()
+    probes, status = attach(mode, strict, probe_method) if mode != "procfs" else (None, {})
     attached = {fn: st.method for fn, st in status.items() if st.attached}
-    if mode != "procfs" and status and not attached:
-        reasons = sorted({st.reason for st in status.values() if st.reason})
-        log.info("BPF off: %s", "; ".join(reasons))
-    if mode == "bpf" and not attached:
-        raise ProbeError("--mode bpf: no probe attached (see `memhp-observer probes`)")
-    mode = "bpf" if attached else "procfs"
-    if mode == "procfs":
-        probes = None
+    mode = "bpf" if probes else "procfs"   # procfs mode needs neither BTF nor bcc
     uevents = UeventListener()   # memory-block uevents in both modes
     log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
              len(attached), len(status), time.monotonic() - began)

@@ -9,6 +9,7 @@ unobserved and never stops the others; strict makes any unobserved core function
 
 import contextlib
 import ctypes
+import logging
 import os
 import re
 import time
@@ -24,6 +25,9 @@ from .ksyms import Ksyms
 from .order import CallOrder
 from .pairing import Pairing
 from .shapes import LayoutError, layouts as read_layouts, shape_of
+
+
+log = logging.getLogger("memhp-observer")
 
 
 class ProbeError(Exception):
@@ -120,12 +124,13 @@ class Probes:
         for fn in self.functions:
             shape = shape_of(btf, fn)
             symbol = fn if fn in names else None
+            clones = _clones(fn, names) if symbol is None else []
             st = ProbeStatus(fn, shape is not None and symbol is not None,
                              shape.describe() if shape else None, method, False, symbol=symbol)
             if shape is None:
                 st.reason = "not in BTF (absent or inlined in this kernel)"
-            elif symbol is None and _clones(fn, names):
-                st.reason = (f"only compiler clones in kallsyms ({', '.join(_clones(fn, names))}): "
+            elif clones:
+                st.reason = (f"only compiler clones in kallsyms ({', '.join(clones)}): "
                              "their arguments may differ from the prototype")
             elif symbol is None:
                 st.reason = "not in kallsyms (inlined)"
@@ -275,3 +280,26 @@ class Probes:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+
+
+def attach(mode, strict=False, method="auto"):
+    """(Probes with at least one function attached, or None; the status of every function) for
+    `record` and `run`. mode "auto": when nothing attaches, the reason is logged once and the
+    caller goes on in procfs mode; mode "bpf": ProbeError instead."""
+    probes = Probes(strict=strict, method=method)
+    try:
+        status = probes.start()
+    except ProbeError as e:
+        probes.close()
+        if mode == "bpf":
+            raise
+        log.info("BPF off: %s: procfs mode", e)
+        return None, probes.status
+    if any(st.attached for st in status.values()):
+        return probes, status
+    probes.close()
+    reason = "; ".join(sorted({st.reason for st in status.values() if st.reason}))
+    if mode == "bpf":
+        raise ProbeError(f"--mode bpf: no probe attached: {reason}")
+    log.info("BPF off: %s: procfs mode", reason)
+    return None, status
