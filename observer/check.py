@@ -13,6 +13,8 @@ The kernel's rules these encode (kernel-reference.md §4, §5):
   memory (resource_leak) and an online block under no System RAM lost its resource.
 - Driver-managed System RAM (kmem, virtio-mem) is added in whole memory blocks."""
 
+from bisect import bisect_left, bisect_right
+
 from .model.anomaly import Anomaly
 from .views.iomem import IOMEM, walk
 from .views.memory_blocks import MEMORY
@@ -49,9 +51,16 @@ def _online_in(block, zone, per_block):
     return block.zone == zone.name
 
 
+def _blocks_between(blocks, indexes, first, last):
+    """The blocks with first <= index <= last, in order; costs what is there, not last - first
+    (a zone may span a hole of many blocks' worth of pfns, or claim to)."""
+    return blocks[bisect_left(indexes, first):bisect_right(indexes, last)]
+
+
 def span_leaks(zones, blocks, page_size, ts_ns):
     per_block = blocks.block_size // page_size
-    by_index = {b.index: b for b in blocks.blocks}
+    ordered = blocks.blocks                     # sorted by index
+    indexes = [b.index for b in ordered]
     out = []
     for z in zones:
         if z.name == DEVICE_ZONE or z.spanned == 0:
@@ -64,32 +73,26 @@ def span_leaks(zones, blocks, page_size, ts_ns):
                                evidence=[_zone_evidence(z)]))
             continue
         first, last = z.start_pfn // per_block, (z.end_pfn - 1) // per_block
+        mine = [b for b in _blocks_between(ordered, indexes, first, last) if b.node in (None, z.node)]
+        inside = [b.index for b in mine if _online_in(b, z, per_block)]
 
-        def stray(i):
-            b = by_index.get(i)
-            return b is not None and b.node in (None, z.node) and not _online_in(b, z, per_block)
+        at_start = mine[0] if mine and mine[0].index == first else None
+        at_end = mine[-1] if mine and mine[-1].index == last else None
 
-        def inside(i):
-            b = by_index.get(i)
-            return b is not None and _online_in(b, z, per_block)
+        def stray(b):
+            return b is not None and not _online_in(b, z, per_block)
 
         # Since 5.5 offlining at an edge moves the edge to the zone's next online pfn
         # (shrink_zone_span, kernel-reference.md §5.1): an edge may lie in a hole (a boot span),
         # never on memory that exists but is not online in the zone.
         runs = []
-        if stray(first):
-            i = first
-            while i <= last and not inside(i):
-                i += 1
-            runs.append((z.start_pfn, min(z.end_pfn, i * per_block)))
-        if stray(last) and not (runs and runs[0][1] == z.end_pfn):
-            i = last
-            while i >= first and not inside(i):
-                i -= 1
-            runs.append((max(z.start_pfn, (i + 1) * per_block), z.end_pfn))
+        if stray(at_start):
+            runs.append((z.start_pfn, inside[0] * per_block if inside else z.end_pfn))
+        if stray(at_end) and not (runs and runs[0][1] == z.end_pfn):
+            runs.append(((inside[-1] + 1) * per_block if inside else z.start_pfn, z.end_pfn))
         for lo, hi in runs:
-            strays = [by_index[i] for i in range(lo // per_block, (hi - 1) // per_block + 1)
-                      if stray(i)]
+            strays = [b for b in mine if lo // per_block <= b.index <= (hi - 1) // per_block
+                      and not _online_in(b, z, per_block)]
             out.append(Anomaly(
                 "zone_span_leak", ts_ns=ts_ns, node=z.node, zone=z.name, start_pfn=lo, end_pfn=hi,
                 message=f"zone {z.name} of node {z.node} spans pfn {lo:#x}-{hi:#x} at its "
@@ -108,12 +111,12 @@ def _resource_anomaly(kind, r, page_size, ts_ns, message, evidence):
 
 def resource_anomalies(roots, blocks, page_size, ts_ns):
     size = blocks.block_size
-    present = {b.index for b in blocks.blocks}
+    indexes = [b.index for b in blocks.blocks]
     ram = [r for r, _ in walk(roots) if r.is_system_ram]
     out = []
     for r in ram:
         first, last = r.start // size, r.end // size
-        if not any(i in present for i in range(first, last + 1)):
+        if not _blocks_between(blocks.blocks, indexes, first, last):
             out.append(_resource_anomaly(
                 "resource_leak", r, page_size, ts_ns,
                 f"{r.name!r} {r.start:#x}-{r.end:#x} has no memory block under it: "

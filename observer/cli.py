@@ -2,6 +2,8 @@
 
 import argparse
 import json
+import math
+import re
 import sys
 
 from . import __version__
@@ -18,6 +20,7 @@ EPILOG = """examples:
 """
 
 EXIT_UNREADABLE = 2
+MIN_SECONDS = 0.1
 
 
 def cmd_snapshot(args):
@@ -56,10 +59,40 @@ def cmd_check(args):
 
 
 def parse_listen(value):
+    """HOST:PORT, [IPV6]:PORT, or :PORT for every IPv4 interface (the Prometheus exporters'
+    convention)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1] if host.startswith("[") and host.endswith("]") else None
+        if not inner or not _is_ip(inner, 6):
+            raise argparse.ArgumentTypeError(f"expected [IPV6]:PORT, got {value!r}")
+        return inner, int(port)
+    if ":" in host:
+        raise argparse.ArgumentTypeError(f"an IPv6 address goes in brackets: [{host}]:{port}")
+    if host and not (_is_ip(host, 4) or re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", host)):
+        raise argparse.ArgumentTypeError(f"not a host name or address: {host!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def _is_ip(text, version):
+    import ipaddress
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
+def seconds(value):
+    """A positive, finite number of seconds (nan, inf, 0 or less would spin or never wake)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not (math.isfinite(s) and s >= MIN_SECONDS):
+        raise argparse.ArgumentTypeError(f"expected at least {MIN_SECONDS} seconds, got {value!r}")
+    return s
 
 
 def cmd_run(args):
@@ -72,7 +105,7 @@ def cmd_run(args):
 
 def cmd_lab(args):
     from .lab import session
-    from .lab.guest import LabError
+    from .lab import LabError
     from .lab.kernels import LabSetupError
     from .lab.scenarios import SCENARIOS, default_scenarios
     if args.list:
@@ -136,6 +169,7 @@ def cmd_record(args):
     import threading
     from .probes.loader import ProbeError
     from .record import record
+    from .trace import TraceWriteError
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -144,7 +178,7 @@ def cmd_record(args):
         counts = record(args.output, stop, duration=args.duration, mode=args.mode,
                         probe_method=args.probe_method,
                         snapshot_interval=args.snapshot_interval, root=args.root, strict=args.strict)
-    except ProbeError as e:
+    except (ProbeError, TraceWriteError) as e:
         print(f"memhp-observer record: {e}", file=sys.stderr)
         return 1
     print(f"recorded {counts['events']} events, {counts['uevents']} uevents, {counts['snapshots']} snapshots, "
@@ -153,8 +187,12 @@ def cmd_record(args):
 
 
 def cmd_capture(args):
-    from .capture import capture
-    n = capture(args.output, args.root)
+    from .capture import CaptureError, capture
+    try:
+        n = capture(args.output, args.root, replace=args.replace)
+    except CaptureError as e:
+        print(f"memhp-observer capture: {e}", file=sys.stderr)
+        return 1
     print(f"captured {n} files from {args.root} into {args.output}")
     return 0
 
@@ -178,11 +216,12 @@ def build_parser():
 
     r = sub.add_parser("run", help="the daemon: reconcile from the kernel views and serve /metrics")
     r.add_argument("--listen", type=parse_listen, default="127.0.0.1:9477",
-                   help="HOST:PORT for /metrics (default 127.0.0.1:9477)")
+                   help="HOST:PORT or [IPV6]:PORT for /metrics (default 127.0.0.1:9477, this "
+                        "machine only); :PORT listens on every IPv4 interface")
     r.add_argument("--mode", choices=["auto", "bpf", "procfs"], default="auto",
                    help="auto: probes where the kernel lets them attach, else procfs; bpf: exit 1 "
                         "unless they attach; procfs: kernel views and uevents only")
-    r.add_argument("--reconcile-interval", type=float, default=10.0, metavar="S",
+    r.add_argument("--reconcile-interval", type=seconds, default=10.0, metavar="S",
                    help="seconds between reads of the kernel views (default 10)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
@@ -198,8 +237,8 @@ def build_parser():
 
     rec = sub.add_parser("record", help="record hotplug calls and view snapshots into a trace (v1)")
     rec.add_argument("-o", "--output", required=True, metavar="FILE")
-    rec.add_argument("--duration", type=float, metavar="S", help="stop after S seconds (default: SIGINT)")
-    rec.add_argument("--snapshot-interval", type=float, default=10.0, metavar="S",
+    rec.add_argument("--duration", type=seconds, metavar="S", help="stop after S seconds (default: SIGINT)")
+    rec.add_argument("--snapshot-interval", type=seconds, default=10.0, metavar="S",
                      help="seconds between snapshots of the kernel views (default 10)")
     rec.add_argument("--strict", action="store_true", help="fail unless every core probe attaches")
     rec.add_argument("--mode", choices=["auto", "bpf", "procfs"], default="auto",
@@ -222,9 +261,12 @@ def build_parser():
     lab.add_argument("--list", action="store_true", help="list the scenarios and exit")
     lab.set_defaults(func=cmd_lab)
 
-    c = sub.add_parser("capture", help="copy the kernel views into a directory (fixtures, bug reports)")
-    c.add_argument("-o", "--output", required=True)
-    c.add_argument("--root", default="/")
+    c = sub.add_parser("capture", help="copy the kernel views into a new or empty directory "
+                                       "(fixtures, bug reports); exit 1 when refused")
+    c.add_argument("-o", "--output", required=True, metavar="DIR")
+    c.add_argument("--replace", action="store_true",
+                   help="replace DIR when it holds an earlier capture and nothing else")
+    c.add_argument("--root", default="/", help="read the views under this directory (default /)")
     c.set_defaults(func=cmd_capture)
     return p
 

@@ -60,6 +60,11 @@ class StateCollector:
         for action in ("add", "remove", "online", "offline"):
             uevents.add_metric([action], self.state.uevents.get(action, 0))
         yield uevents
+        running = GaugeMetricFamily("memhp_reconcile_running_seconds", "How long the reconcile "
+                                    "in progress has run (0 when none is): growing, a kernel view "
+                                    "does not answer and the values below are the last complete")
+        running.add_metric([], self.state.running_seconds())
+        yield running
         errors = CounterMetricFamily("memhp_reconcile_errors",
                                      "Reconciles that could not read a kernel view")
         errors.add_metric([], s.reconcile_errors)

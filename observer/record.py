@@ -25,28 +25,44 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
     """Record until `stop` (a threading.Event) is set or `duration` seconds pass. Returns counts.
     mode: auto (BPF where it attaches, else procfs), bpf (fail unless a probe attaches), procfs
     (no probes: snapshots and memory-block uevents)."""
-    began = time.monotonic()
-    probes, status = attach(mode, strict, probe_method) if mode != "procfs" else (None, {})
-    attached = {fn: st.method for fn, st in status.items() if st.attached}
-    mode = "bpf" if probes else "procfs"   # procfs mode needs neither BTF nor bcc
-    uevents = UeventListener()   # memory-block uevents in both modes
-    log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
-             len(attached), len(status), time.monotonic() - began)
-    first = snapshot_record(root)
-    writer = TraceWriter(path)
-    writer.write({"type": "header", "format": FORMAT, "version": VERSION,
-                  "kernel": os.uname().release if root == "/" else snapshot.read_kernel_release(root),
-                  "page_size": snapshot.PAGE_SIZE,
-                  "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
-                  "block_size": snapshot.memory_blocks.read_block_size(root), "mode": mode,
-                  "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
-                  "probes": {fn: {"attached": st.attached, "method": st.method if st.attached else "none",
-                                  "shape": st.shape, "reason": st.reason}
-                             for fn, st in status.items()}})
-    writer.write(first)
+    writer = TraceWriter(path)   # before anything is attached: a bad path fails first
+    probes, uevents = None, None
+    try:
+        began = time.monotonic()
+        probes, status = attach(mode, strict, probe_method) if mode != "procfs" else (None, {})
+        attached = {fn: st.method for fn, st in status.items() if st.attached}
+        mode = "bpf" if probes else "procfs"   # procfs mode needs neither BTF nor bcc
+        uevents = UeventListener()   # memory-block uevents in both modes
+        log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
+                 len(attached), len(status), time.monotonic() - began)
+        first = snapshot_record(root)
+        writer.write({"type": "header", "format": FORMAT, "version": VERSION,
+                      "kernel": os.uname().release if root == "/" else snapshot.read_kernel_release(root),
+                      "page_size": snapshot.PAGE_SIZE,
+                      "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
+                      "block_size": snapshot.memory_blocks.read_block_size(root), "mode": mode,
+                      "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
+                      "probes": {fn: {"attached": st.attached,
+                                      "method": st.method if st.attached else "none",
+                                      "shape": st.shape, "reason": st.reason}
+                                 for fn, st in status.items()}})
+        writer.write(first)
+        return _record_until(writer, probes, uevents, stop, duration, snapshot_interval, root)
+    finally:
+        writer.close()
+        if writer.lines == 0:
+            os.unlink(path)   # the empty file this call created, when nothing could be recorded
+        if probes:
+            probes.close()
+        if uevents:
+            uevents.close()
+
+
+def _record_until(writer, probes, uevents, stop, duration, snapshot_interval, root):
     counts = {"events": 0, "uevents": 0, "lost": 0, "snapshots": 1}
     next_snapshot = time.monotonic() + snapshot_interval
     end = None if duration is None else time.monotonic() + duration
+
     def write_all(records, lost=0):
         for r in records:
             writer.write(r)
@@ -56,26 +72,20 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
             writer.write({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
             counts["lost"] += lost
 
-    try:
-        while not stop.is_set() and (end is None or time.monotonic() < end):
-            if probes:
-                write_all(*probes.poll(200))
-                write_all(uevents.poll(0))
-            else:
-                write_all(uevents.poll(0.2))
-            if time.monotonic() >= next_snapshot:
-                writer.write(snapshot_record(root))
-                counts["snapshots"] += 1
-                next_snapshot = time.monotonic() + snapshot_interval
+    while not stop.is_set() and (end is None or time.monotonic() < end):
         if probes:
-            records, lost = probes.poll(0)
-            write_all(records + probes.drain(), lost)
-        write_all(uevents.poll(0))
-        writer.write(snapshot_record(root))
-        counts["snapshots"] += 1
-    finally:
-        writer.close()
-        if probes:
-            probes.close()
-        uevents.close()
+            write_all(*probes.poll(200))
+            write_all(uevents.poll(0))
+        else:
+            write_all(uevents.poll(0.2))
+        if time.monotonic() >= next_snapshot:
+            writer.write(snapshot_record(root))
+            counts["snapshots"] += 1
+            next_snapshot = time.monotonic() + snapshot_interval
+    if probes:
+        records, lost = probes.poll(0)
+        write_all(records + probes.drain(), lost)
+    write_all(uevents.poll(0))
+    writer.write(snapshot_record(root))
+    counts["snapshots"] += 1
     return counts

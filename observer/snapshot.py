@@ -29,15 +29,15 @@ def read_kernel_release(root="/"):
 
 
 def take(root="/"):
-    """Read every view under root. /proc/iomem alone may fail (no privileges) without stopping
-    the rest; any other unreadable view raises ViewError."""
+    """Read every view under root. /proc/iomem alone may be hidden (no CAP_SYS_ADMIN) without
+    stopping the rest; any other unreadable view raises ViewError."""
     kernel = read_kernel_release(root)
+    zones, blocks = zoneinfo.read_zoneinfo(root), memory_blocks.read_memory_blocks(root)
     try:
         resources, iomem_error = iomem.read_iomem(root), None
-    except ViewError as e:
+    except iomem.IomemHidden as e:
         resources, iomem_error = None, str(e)
-    return Snapshot(root, kernel, zoneinfo.read_zoneinfo(root), memory_blocks.read_memory_blocks(root),
-                    resources, iomem_error)
+    return Snapshot(root, kernel, zones, blocks, resources, iomem_error)
 
 
 def block_ranges(blocks):

@@ -1,8 +1,8 @@
 """Trace format v1 (DESIGN.md §4): JSON Lines, every line an object with a `type`: header,
 event, snapshot, anomaly, lost, uevent (memory blocks, from netlink), begun (a call still running
 when later calls were released: its event follows later with the same seq) and skipped (a call
-number with no event: lost). The writer flushes every line; the
-reader streams and names the file and line of anything malformed."""
+number with no event: lost). The writer puts out every line whole as it is written; the reader
+streams and names the file and line of anything malformed."""
 
 import json
 
@@ -27,15 +27,39 @@ class TraceError(Exception):
         super().__init__(f"{path}:{line}: {message}")
 
 
+class TraceWriteError(Exception):
+    """A trace that cannot be created or written: one line naming the path."""
+
+
 class TraceWriter:
+    """A new trace file, never written over an existing one (nor over a device such as
+    /dev/full). Each line goes out whole as it is written; when a write fails (disk full), the
+    file is cut back to its last whole line, so what was recorded stays a readable trace."""
+
     def __init__(self, path):
         self.path = path
-        self.file = open(path, "w")
+        try:
+            self.file = open(path, "xb", buffering=0)
+        except FileExistsError:
+            raise TraceWriteError(f"{path}: exists; record writes a new file, never over one") from None
+        except OSError as e:
+            raise TraceWriteError(f"{path}: {e.strerror or e}") from None
         self.lines = 0
+        self.size = 0
 
     def write(self, record):
-        self.file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.file.flush()
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.file.write(view):]
+        except OSError as e:
+            try:
+                self.file.truncate(self.size)
+            except OSError:
+                pass
+            raise TraceWriteError(f"{self.path}: {e.strerror or e} after {self.lines} lines") from None
+        self.size += len(data)
         self.lines += 1
 
     def close(self):

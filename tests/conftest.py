@@ -48,6 +48,15 @@ def grow_blocks(root, total):
     edit(root, "/proc/zoneinfo", "spanned  5505024", f"spanned  {5505024 + added}")
     edit(root, "/proc/zoneinfo", "present  5505024", f"present  {5505024 + added}")
     edit(root, "/proc/iomem", "100000000-63fffffff : System RAM", f"100000000-{end - 1:x} : System RAM")
+    # the grown RAM reaches the 64-bit PCI window at 256 GiB: this host has none (resources
+    # never overlap), so the window and what nests in it go
+    iomem = os.path.join(root, "proc/iomem")
+    with open(iomem) as f:
+        lines = f.read().split("\n")
+    window = lines.index("4000000000-7fffffffff : PCI Bus 0000:00")
+    rest = next(i for i in range(window + 1, len(lines)) if not lines[i].startswith(" "))
+    with open(iomem, "w") as f:
+        f.write("\n".join(lines[:window] + lines[rest:]))
     return root
 
 

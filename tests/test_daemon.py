@@ -27,10 +27,11 @@ def free_port():
 
 
 class Observer:
-    def __init__(self, *args):
+    def __init__(self, *args, argv0=(EXE,), env=None):
         self.port = free_port()
-        self.proc = subprocess.Popen([EXE, "run", "--listen", f"127.0.0.1:{self.port}", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([*argv0, "run", "--listen", f"127.0.0.1:{self.port}", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env)
         deadline = time.monotonic() + 60
         while True:
             try:

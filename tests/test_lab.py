@@ -15,7 +15,8 @@ import pytest
 
 from observer import snapshot
 from observer.lab import kernels, session
-from observer.lab.guest import Guest, LabError
+from observer.lab import LabError
+from observer.lab.guest import Guest
 from observer.lab.scenarios import DIMM_SIZE, SCENARIOS, VIRTIO_MEM_SIZE, default_scenarios
 from observer.views import iomem
 

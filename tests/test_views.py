@@ -103,6 +103,17 @@ def test_malformed_block_names_the_file(host_copy, attr, value, message):
     assert err.value.path == str(path) and message in err.value.message
 
 
+def test_line_numbers_count_newlines_only(host_copy):
+    # a form feed is a line break to str.splitlines, not to the kernel or an editor
+    path = edit(host_copy, "/proc/zoneinfo", "  pages free", "\f pages free")
+    edit(host_copy, "/proc/zoneinfo", "        spanned  4095", "        spanned  40x5")
+    with open(path) as f:
+        line = f.read().split("\n").index("        spanned  40x5") + 1
+    with pytest.raises(ViewError) as err:
+        zoneinfo.read_zoneinfo(str(host_copy))
+    assert err.value.line == line
+
+
 def test_missing_view_is_one_clear_error(tmp_path):
     with pytest.raises(ViewError, match=r"proc/zoneinfo: missing"):
         zoneinfo.read_zoneinfo(str(tmp_path))

@@ -15,7 +15,7 @@ import sys
 import tarfile
 import time
 
-from . import kernels
+from . import LabError, kernels
 from .marker import CMDLINE_KEY, TOKEN_FILE
 from .qmp import QMP
 
@@ -23,10 +23,6 @@ BOOT_MEMORY = "4G"
 MAX_MEMORY = "8G"       # room for what scenarios hot-add (pc-dimm, virtio-mem)
 PROGRESS_SECONDS = 20   # a long guest command says it is still running this often
 PMEM = "memmap=512M!4G"  # legacy pmem inside the RAM QEMU puts above 4 GiB (nd_e820)
-
-
-class LabError(Exception):
-    pass
 
 
 def _say(msg):

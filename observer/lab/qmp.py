@@ -4,9 +4,11 @@ import json
 import socket
 import time
 
+from . import LabError
 
-class QMPError(Exception):
-    pass
+
+class QMPError(LabError):
+    """QEMU refused a command or its socket went away."""
 
 
 class QMP:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from . import kernels
-from .guest import LabError
+from . import LabError
 
 # The guest's dax/pmem stack (Debian builds them as modules); nd_e820 turns memmap= into a region.
 PMEM_MODULES = "for m in nd_e820 nd_pmem dax_pmem device_dax kmem; do modprobe $m || exit 1; done"

@@ -9,7 +9,8 @@ import sys
 import time
 
 from .. import check, snapshot
-from .guest import Guest, LabError
+from . import LabError
+from .guest import Guest
 from .marker import TOKEN_FILE
 from .scenarios import GUEST_APPEND, GUEST_QEMU, SCENARIOS, run_scenario
 

@@ -15,6 +15,27 @@ import sys
 from .functions import CORE
 
 
+# linux/capability.h
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def missing_privilege(status_path="/proc/self/status"):
+    """None when this process may load and attach BPF programs, else one line on what it lacks
+    (asked before anything loads: bcc's own errors then name a map or a function instead)."""
+    caps = 0
+    try:
+        with open(status_path) as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    if caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1):
+        return None
+    return ("probes need root: CAP_SYS_ADMIN, or CAP_BPF with CAP_PERFMON, and this process "
+            "has neither")
+
+
 def has_kprobes(root="/"):
     return any(os.path.exists(os.path.join(root, p)) for p in (
         "sys/bus/event_source/devices/kprobe", "sys/kernel/tracing/kprobe_events",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import program
-from .availability import has_kprobes, headers_dir
+from .availability import has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
 from .decode import decode
 from .functions import ALL, CORE
@@ -105,6 +105,9 @@ class Probes:
 
     def plan(self):
         """Status of every function before anything loads: present, shape, method available."""
+        lacking = missing_privilege()
+        if lacking:
+            raise ProbeError(lacking)
         try:
             btf = Btf.load()
         except BtfError as e:
@@ -155,6 +158,11 @@ class Probes:
         if not self.status:
             self.plan()
         if self.shapes:
+            try:
+                import bcc  # noqa: F401  (imported here first to say plainly when it is missing)
+            except ImportError:
+                raise ProbeError("bcc is not importable: install Debian's python3-bpfcc (a venv "
+                                 "needs --system-site-packages)") from None
             if not os.path.isdir(os.path.join(headers_dir(), "include")):
                 # without headers bcc runs `modprobe kheaders` by itself: never let it
                 raise ProbeError(f"no kernel headers at {headers_dir()}: install "

@@ -8,9 +8,12 @@ import re
 from dataclasses import dataclass, field
 from typing import List
 
-from .source import ViewError, read_view, view_path
+from .source import ViewError, excerpt, read_view, view_lines, view_path
 
 IOMEM = "/proc/iomem"
+# r_show indents by nesting depth but stops counting at MAX_IORES_LEVEL: a resource nested
+# deeper is printed at that level, beside its own parent, so the tree is exact only above it
+MAX_IORES_LEVEL = 5
 
 _LINE = re.compile(r"^( *)([0-9a-f]+)-([0-9a-f]+) : (.*)$")
 
@@ -18,6 +21,11 @@ SYSTEM_RAM = "System RAM"
 # virtio-mem claims its whole device region at the top level as "virtioN" (virtio-pci BARs
 # nest under their PCI device instead)
 _VIRTIO_MEM_DEVICE = re.compile(r"^virtio\d+$")
+
+
+class IomemHidden(ViewError):
+    """/proc/iomem read without CAP_SYS_ADMIN: every address zero. The one iomem failure the
+    other views are still shown without; any other is an error like every view's."""
 
 
 @dataclass
@@ -52,37 +60,48 @@ def parse_iomem(text, path=IOMEM):
     roots = []
     stack = []  # the open resources, outermost first
     count = 0
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(view_lines(text), 1):
         if not raw.strip():
             continue
         m = _LINE.match(raw)
         if not m:
-            raise ViewError(path, f"not 'start-end : name': {raw!r}", lineno)
+            raise ViewError(path, f"not 'start-end : name': {excerpt(raw)}", lineno)
         indent, start, end, name = m.groups()
         if len(indent) % 2:
             raise ViewError(path, f"odd indentation ({len(indent)} spaces)", lineno)
         depth = len(indent) // 2
+        if depth > MAX_IORES_LEVEL:
+            raise ViewError(path, f"nested {depth} levels deep; the kernel prints at most "
+                                  f"{MAX_IORES_LEVEL}", lineno)
         if depth > len(stack):
             raise ViewError(path, f"nested {depth} levels under a parent at level {len(stack) - 1}", lineno)
+        if len(start) > 16 or len(end) > 16:
+            raise ViewError(path, "address wider than 64 bits", lineno)
         res = Resource(int(start, 16), int(end, 16), name, depth, lineno)
         if res.end < res.start:
             raise ViewError(path, f"end {end} before start {start}", lineno)
+        siblings = stack[depth - 1].children if depth else roots
         del stack[depth:]
         if stack:
             parent = stack[-1]
             if not (parent.start <= res.start and res.end <= parent.end) and not _zeroed(res):
-                raise ViewError(path, f"{name!r} is not inside its parent {parent.name!r} "
-                                      f"(line {parent.line})", lineno)
-            parent.children.append(res)
-        else:
-            roots.append(res)
+                raise ViewError(path, f"{excerpt(name)} is not inside its parent "
+                                      f"{excerpt(parent.name)} (line {parent.line})", lineno)
+        # the kernel keeps siblings sorted and apart (a request that overlaps one fails)
+        if siblings and depth < MAX_IORES_LEVEL and not _zeroed(res) \
+                and siblings[-1].end >= res.start:
+            before = siblings[-1]
+            raise ViewError(path, f"{excerpt(name)} {start}-{end} overlaps or precedes "
+                                  f"{excerpt(before.name)} {before.start:x}-{before.end:x} (line "
+                                  f"{before.line}) at the same level", lineno)
+        siblings.append(res)
         stack.append(res)
         count += 1
     if count == 0:
         raise ViewError(path, "no resources")
     if all(_zeroed(r) for root in roots for r, _ in root.walk()):
-        raise ViewError(path, "every address reads as zero: the kernel hides /proc/iomem "
-                              "addresses without CAP_SYS_ADMIN; run as root")
+        raise IomemHidden(path, "every address reads as zero: the kernel hides /proc/iomem "
+                                "addresses without CAP_SYS_ADMIN; run as root")
     return roots
 
 
