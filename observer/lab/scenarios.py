@@ -187,7 +187,10 @@ SCENARIOS = {s.name: s for s in [
         # the selftest's own injection phase picks 2% of the blocks at random and may make no
         # hotplug call at all: these two steps fail one offline and one online for certain
         Step("offline-fails", save="offline_failed", sh=(
-            f"{INJECT} && b=$({MOVABLE_BLOCKS} | sed -n 2p) && "
+            # a Movable block that goes offline and back first: one holding an unmovable page
+            # fails isolation with -EBUSY before the notifier is asked (offline_pages)
+            f"{INJECT} && b=$(" + _offline_one(MOVABLE_BLOCKS) + ") && "
+            f"echo online_movable > {MEM}/memory$b/state && "
             f"echo {INJECTED_ERRNO} > {INJECT_DIR}/MEM_GOING_OFFLINE/error && "
             f"if echo offline > {MEM}/memory$b/state; then echo 'offline went through' >&2; exit 1; fi; "
             f"echo 0 > {INJECT_DIR}/MEM_GOING_OFFLINE/error && echo $b")),
