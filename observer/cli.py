@@ -36,13 +36,14 @@ def cmd_snapshot(args):
 
 def cmd_check(args):
     import time
-    from . import check, report, snapshot
+    from . import report, snapshot
     from .model.anomaly import CRITICAL
+    from .model.invariants import judge_views
     snap = snapshot.take(args.root)
     if snap.resources is None:
         print(f"memhp-observer: cannot check resources: {snap.iomem_error}", file=sys.stderr)
         return EXIT_UNREADABLE
-    anomalies = check.check(snap, snapshot.PAGE_SIZE, time.time_ns())
+    anomalies = judge_views(snap, time.time_ns())
     critical = any(a.severity == CRITICAL for a in anomalies)
     if args.json:
         json.dump({"format": "memhp-check", "version": 1, "root": snap.root, "kernel": snap.kernel,

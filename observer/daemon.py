@@ -16,8 +16,9 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
-from . import check, snapshot
+from . import snapshot
 from .metrics import StateCollector
+from .model.invariants import judge_views
 from .snapshot import Snapshot
 from .uevents import UeventListener
 from .probes.availability import has_kprobes, missing_privilege, try_fentry
@@ -33,7 +34,6 @@ class State:
     """Everything a scrape shows; replaced whole by each reconcile, never mutated."""
     kernel: str
     mode: str
-    page_size: int
     probe_methods: dict = field(default_factory=dict)   # function -> kprobe/kfunc; absent = none
     snapshot: Optional[Snapshot] = None
     anomalies: tuple = ()
@@ -102,7 +102,7 @@ class Daemon:
         attached = self._attach()
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
         self.current = State(kernel=kernel, mode="bpf" if attached else "procfs",
-                             page_size=snapshot.PAGE_SIZE, probe_methods=attached)
+                             probe_methods=attached)
         registry = CollectorRegistry()
         registry.register(StateCollector(self))
         ProcessCollector(registry=registry)
@@ -156,13 +156,10 @@ class Daemon:
             log.error("reconcile failed: %s", e)
             self.current = _replace(self.current, reconcile_errors=self.current.reconcile_errors + 1)
             return
-        found = []
-        if snap.resources is None:
-            if self.current.snapshot is None or self.current.snapshot.resources is not None:
-                log.warning("resource invariants off: %s", snap.iomem_error)
-            found = check.span_leaks(snap.zones, snap.blocks, snapshot.PAGE_SIZE, time.time_ns())
-        else:
-            found = check.check(snap, snapshot.PAGE_SIZE, time.time_ns())
+        if snap.resources is None and (self.current.snapshot is None
+                                       or self.current.snapshot.resources is not None):
+            log.warning("resource invariants off: %s", snap.iomem_error)
+        found = judge_views(snap, time.time_ns())
         reported = dict(self.current.anomalies_reported)
         keys = set()
         for a in found:

@@ -131,6 +131,6 @@ class StateCollector:
         yield leak
         rleak = GaugeMetricFamily("memhp_resource_leak_bytes", "Bytes of System RAM resources "
                                   "with no memory block under them")
-        rleak.add_metric([], sum((a.end_pfn - a.start_pfn) * s.page_size for a in s.anomalies
+        rleak.add_metric([], sum((a.end_pfn - a.start_pfn) * s.snapshot.page_size for a in s.anomalies
                                  if a.kind == "resource_leak"))
         yield rleak

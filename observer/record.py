@@ -14,8 +14,8 @@ log = logging.getLogger("memhp-observer")
 SECTION_SIZE_X86_64 = 1 << 27    # SECTION_SIZE_BITS on x86-64; not exported by the kernel
 
 
-def snapshot_record(root):
-    doc = snapshot.to_json(snapshot.take(root))
+def snapshot_record(snap):
+    doc = snapshot.to_json(snap)
     return {"type": "snapshot", "ts_ns": time.monotonic_ns(), "zones": doc["zones"],
             "memory_blocks": doc["memory_blocks"], "resources": doc["resources"]}
 
@@ -35,18 +35,17 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
         uevents = UeventListener()   # memory-block uevents in both modes
         log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path, mode,
                  len(attached), len(status), time.monotonic() - began)
-        first = snapshot_record(root)
+        first = snapshot.take(root)
         writer.write({"type": "header", "format": FORMAT, "version": VERSION,
-                      "kernel": os.uname().release if root == "/" else snapshot.read_kernel_release(root),
-                      "page_size": snapshot.PAGE_SIZE,
+                      "kernel": first.kernel, "page_size": first.page_size,
                       "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
-                      "block_size": snapshot.memory_blocks.read_block_size(root), "mode": mode,
+                      "block_size": first.blocks.block_size, "mode": mode,
                       "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
                       "probes": {fn: {"attached": st.attached,
                                       "method": st.method if st.attached else "none",
                                       "shape": st.shape, "reason": st.reason}
                                  for fn, st in status.items()}})
-        writer.write(first)
+        writer.write(snapshot_record(first))
         return _record_until(writer, probes, uevents, stop, duration, snapshot_interval, root)
     finally:
         writer.close()
@@ -79,13 +78,13 @@ def _record_until(writer, probes, uevents, stop, duration, snapshot_interval, ro
         else:
             write_all(uevents.poll(0.2))
         if time.monotonic() >= next_snapshot:
-            writer.write(snapshot_record(root))
+            writer.write(snapshot_record(snapshot.take(root)))
             counts["snapshots"] += 1
             next_snapshot = time.monotonic() + snapshot_interval
     if probes:
         records, lost = probes.poll(0)
         write_all(records + probes.drain(), lost)
     write_all(uevents.poll(0))
-    writer.write(snapshot_record(root))
+    writer.write(snapshot_record(snapshot.take(root)))
     counts["snapshots"] += 1
     return counts

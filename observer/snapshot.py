@@ -1,20 +1,19 @@
 """One read of all kernel views, and the shapes `snapshot` shows: zones, memory blocks grouped
 into ranges as lsmem groups them, and the resources hotplug touches."""
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 from .views import iomem, memory_blocks, zoneinfo
-from .views.source import ViewError, read_view
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
+from .views.source import ViewError, read_view, view_path
 
 @dataclass
 class Snapshot:
     root: str
     kernel: Optional[str]
+    page_size: int                  # of the kernel whose views these are (page_size_of)
     zones: list
     blocks: memory_blocks.MemoryBlocks
     resources: Optional[list]      # iomem roots; None when iomem could not be read
@@ -37,7 +36,24 @@ def take(root="/"):
         resources, iomem_error = iomem.read_iomem(root), None
     except iomem.IomemHidden as e:
         resources, iomem_error = None, str(e)
-    return Snapshot(root, kernel, zones, blocks, resources, iomem_error)
+    return Snapshot(root, kernel, page_size_of(root, zones, blocks), zones, blocks, resources,
+                    iomem_error)
+
+
+def page_size_of(root, zones, blocks):
+    """The page size of the kernel whose views are under root: this machine's when root is /.
+    No view states it, so for a captured tree it is read off the views: the bytes of the memory
+    blocks not offline over the zones' present pages, rounded to a power of two. On every lab
+    and host capture the ratio is the page size exactly; holes inside online blocks would have
+    to exceed 29% of them to round it to the next power of two."""
+    if root == "/":
+        return os.sysconf("SC_PAGE_SIZE")
+    online = sum(b.state != "offline" for b in blocks.blocks) * blocks.block_size
+    present = sum(z.present for z in zones)
+    if not online or not present:
+        raise ViewError(view_path(root, zoneinfo.ZONEINFO), "no online memory and no present "
+                        "page: the page size of this tree cannot be told")
+    return 1 << round(math.log2(online / present))
 
 
 def block_ranges(blocks):
@@ -75,7 +91,7 @@ def to_json(snap):
     ranges = block_ranges(snap.blocks)
     resources = hotplug_resources(snap.resources) if snap.resources is not None else None
     return {"format": "memhp-snapshot", "version": 1, "root": snap.root, "kernel": snap.kernel,
-            "page_size": PAGE_SIZE, "block_size": snap.blocks.block_size, "zones": zones,
+            "page_size": snap.page_size, "block_size": snap.blocks.block_size, "zones": zones,
             "memory_blocks": ranges, "resources": resources, "iomem_error": snap.iomem_error,
             "summary": summary(snap)}
 

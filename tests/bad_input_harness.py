@@ -38,11 +38,10 @@ def run_cli(argv):
 
 def run_daemon(root):
     from prometheus_client import CollectorRegistry, generate_latest
-    from observer import snapshot
     from observer.daemon import Daemon, State
     from observer.metrics import StateCollector
     d = Daemon(root, mode="procfs")
-    d.current = State(kernel="campaign", mode="procfs", page_size=snapshot.PAGE_SIZE)
+    d.current = State(kernel="campaign", mode="procfs")
     d.reconcile()
     registry = CollectorRegistry()
     registry.register(StateCollector(d))

@@ -7,10 +7,11 @@ from dataclasses import replace
 from hypothesis import given, settings, strategies as st
 
 from conftest import HOST
-from observer import check, snapshot
+from observer import snapshot
+from observer.model.invariants import span_leaks
 
 SNAP = snapshot.take(HOST)
-PAGE = 4096
+PAGE = SNAP.page_size
 PER_BLOCK = SNAP.blocks.block_size // PAGE
 NORMAL = [b.index for b in SNAP.blocks.blocks if b.zone == "Normal"]
 
@@ -24,13 +25,13 @@ def offlined(indexes):
 @settings(max_examples=60, deadline=None)
 @given(st.sets(st.sampled_from(NORMAL[1:-1]), max_size=40))
 def test_offlining_inside_normal_never_leaks(inner):
-    assert check.span_leaks(SNAP.zones, offlined(inner), PAGE, 0) == []
+    assert span_leaks(SNAP.zones, offlined(inner), PAGE, 0) == []
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, len(NORMAL) - 1), st.booleans())
 def test_offlining_from_an_edge_leaks_exactly_that_run(n, top):
     run = NORMAL[-n:] if top else NORMAL[:n]
-    [leak] = check.span_leaks(SNAP.zones, offlined(set(run)), PAGE, 0)
+    [leak] = span_leaks(SNAP.zones, offlined(set(run)), PAGE, 0)
     assert (leak.zone, leak.start_pfn, leak.end_pfn) == \
         ("Normal", run[0] * PER_BLOCK, (run[-1] + 1) * PER_BLOCK)

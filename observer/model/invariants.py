@@ -1,5 +1,6 @@
-"""Invariants that the kernel views alone can show (no events): the `check` verb and every
-reconcile of the daemon. Pure: a Snapshot in, Anomaly records out.
+"""Invariants that the kernel views alone can show (no events): the `check` verb, every
+reconcile of the daemon and every lab capture, through judge_views. Pure: a Snapshot in, Anomaly
+records out.
 
 The kernel's rules these encode (kernel-reference.md §4, §5):
 - A zone's span may cover holes with no memory block (the PCI hole below 4 GiB, a pmem range
@@ -15,20 +16,21 @@ The kernel's rules these encode (kernel-reference.md §4, §5):
 
 from bisect import bisect_left, bisect_right
 
-from .model.anomaly import Anomaly
-from .views.iomem import IOMEM, walk
-from .views.memory_blocks import MEMORY
-from .views.zoneinfo import ZONEINFO
+from ..views.iomem import IOMEM, walk
+from ..views.memory_blocks import MEMORY
+from ..views.zoneinfo import ZONEINFO
+from .anomaly import Anomaly
 
 DEVICE_ZONE = "Device"  # ZONE_DEVICE spans never shrink since 5.5: not a leak (device_span_stale)
 
 
-def check(snap, page_size, ts_ns):
-    """All view invariants of one snapshot. /proc/iomem must have been readable."""
-    if snap.resources is None:
-        raise ValueError(f"resource invariants need /proc/iomem: {snap.iomem_error}")
-    return (span_leaks(snap.zones, snap.blocks, page_size, ts_ns)
-            + resource_anomalies(snap.resources, snap.blocks, page_size, ts_ns))
+def judge_views(snap, ts_ns):
+    """Every view invariant of one snapshot, in the page size of the kernel it was read from.
+    Without /proc/iomem (read without CAP_SYS_ADMIN) only the zone rules can be judged."""
+    out = span_leaks(snap.zones, snap.blocks, snap.page_size, ts_ns)
+    if snap.resources is not None:
+        out += resource_anomalies(snap.resources, snap.blocks, snap.page_size, ts_ns)
+    return out
 
 
 def _zone_evidence(z):
