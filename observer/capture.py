@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 
 from .views.iomem import IOMEM, read_iomem
-from .views.memory_blocks import MEMORY, block_indexes
+from .views.memory_blocks import MEMORY, NODE_LINK, block_indexes
 from .views.source import read_file, view_path
 from .views.zoneinfo import ZONEINFO
 
@@ -123,7 +123,7 @@ def _write(src, out):
         d = f"{MEMORY}/memory{i}"
         n += sum(_copy(src, out, f"{d}/{a}") for a in BLOCK_ATTRS)
         for name in os.listdir(view_path(src, d)):
-            if re.match(r"^node[0-9]+$", name):
+            if NODE_LINK.match(name):
                 # the nodeN link is kept as a link (the readers need only its name; git keeps
                 # links but not empty directories)
                 link = view_path(src, f"{d}/{name}")

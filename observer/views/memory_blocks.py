@@ -20,7 +20,7 @@ NODES = "/sys/devices/system/node"
 # drivers/base/memory.c names each block "memory%u": no sign, no leading zero, ASCII digits. Its
 # other entries (block_size_bytes, auto_online_blocks, probe, power, uevent...) never start so.
 _BLOCK_DIR = re.compile(r"^memory(0|[1-9][0-9]*)$")
-_NODE_LINK = re.compile(r"^node(0|[1-9][0-9]*)$")
+NODE_LINK = re.compile(r"^node(0|[1-9][0-9]*)$")
 STATES = ("online", "offline", "going-offline")
 # valid_zones: zone names, or "none" (an online block spanning several zones)
 VALID_ZONE_WORDS = ZONE_NAMES + ("none",)
@@ -75,7 +75,7 @@ def _listdir(path):
 
 def _node_number(path, name):
     """The node of a nodeN entry, or None when the name is not one."""
-    m = _NODE_LINK.match(name)
+    m = NODE_LINK.match(name)
     if not m:
         return None
     node = int(m.group(1))
