@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import sys
 
@@ -15,6 +16,8 @@ EPILOG = """examples:
   memhp-observer snapshot --root tests/fixtures/host-bookworm
   memhp-observer check                       invariants of this host's views (exit 1 on critical)
   memhp-observer run --listen 127.0.0.1:9477  the daemon; curl -s localhost:9477/metrics
+  memhp-observer record -o t.jsonl           a trace of hotplug calls and views (Ctrl-C ends it)
+  memhp-observer replay t.jsonl              what the reference model finds in a trace
   memhp-observer lab --scenario kmem         boot a 6.1 guest, run the kmem scenario
   memhp-observer capture -o /tmp/views       copy this host's views into a fixture tree
 """
@@ -24,10 +27,10 @@ MIN_SECONDS = 0.1
 
 
 def cmd_snapshot(args):
-    from . import report, snapshot
+    from . import formats, report, snapshot
     snap = snapshot.take(args.root)
     if args.json:
-        json.dump(snapshot.to_json(snap), sys.stdout, indent=1)
+        json.dump(formats.snapshot_json(snap), sys.stdout, indent=1)
         print()
     else:
         print(report.snapshot_text(snap))
@@ -101,7 +104,8 @@ def cmd_run(args):
     from . import daemon
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
-    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode)
+    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
+                      record=args.record)
 
 
 def cmd_lab(args):
@@ -187,6 +191,34 @@ def cmd_record(args):
     return 0
 
 
+def cmd_replay(args):
+    from . import report
+    from .model.anomaly import CRITICAL
+    from .pipeline import replay
+    from .trace import TraceError
+    try:
+        anomalies, model = replay(args.trace)
+    except TraceError as e:
+        print(f"memhp-observer replay: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    critical = sum(a.severity == CRITICAL for a in anomalies)
+    snapshots = model.snapshots
+    if args.json:
+        json.dump({"format": "memhp-replay", "version": 1, "trace": args.trace,
+                   "kernel": model.header.get("kernel"), "mode": model.header.get("mode"),
+                   "snapshots": snapshots, "anomalies": [a.to_dict() for a in anomalies]},
+                  sys.stdout, indent=1)
+        print()
+    else:
+        for a in anomalies:
+            print(report.anomaly_line(a))
+        print(f"{len(anomalies)} anomalies, {critical} critical: {args.trace} "
+              f"({model.header.get('mode')} mode, kernel {model.header.get('kernel')}); "
+              f"{snapshots['judged']} snapshots judged, {snapshots['unsettled']} read while "
+              f"hotplug was in flight")
+    return 1 if critical else 0
+
+
 def cmd_capture(args):
     from .capture import CaptureError, capture
     try:
@@ -224,6 +256,9 @@ def build_parser():
                         "unless they attach; procfs: kernel views and uevents only")
     r.add_argument("--reconcile-interval", type=seconds, default=10.0, metavar="S",
                    help="seconds between reads of the kernel views (default 10)")
+    r.add_argument("--record", metavar="FILE",
+                   help="also write every record the model is fed into a new trace (v1), "
+                        "which `replay` judges the same way")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
 
@@ -248,6 +283,12 @@ def build_parser():
                      help="auto: kprobes where the kernel has them, else fentry (kfunc)")
     rec.add_argument("--root", default="/", help=argparse.SUPPRESS)
     rec.set_defaults(func=cmd_record)
+
+    rp = sub.add_parser("replay", help="judge a recorded trace with the reference model; exit 1 "
+                                       "on a critical anomaly, 2 when the trace is unreadable")
+    rp.add_argument("trace", metavar="FILE")
+    rp.add_argument("--json", action="store_true", help="anomaly records as one JSON document")
+    rp.set_defaults(func=cmd_replay)
 
     lab = sub.add_parser("lab", help="boot a Debian kernel under QEMU/TCG and drive hotplug "
                                      "scenarios in it, capturing the views around every step")
@@ -279,6 +320,9 @@ def main(argv=None):
     except ViewError as e:
         print(f"memhp-observer: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
+    except BrokenPipeError:   # `... --json | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""The live loop (`memhp-observer run`): reconciles from the kernel views on an interval and on
-memory-block uevents, checks the view invariants and serves /metrics. In BPF mode the probes are
-attached too and their events counted (by function, origin and result); judging state from the
-events is the reference model's work.
+"""The live loop (`memhp-observer run`): the live source (views read on an interval and on
+memory-block uevents, and in BPF mode the probes' events) feeds the reference model, whose
+anomalies are logged and, with the state the views show, served on /metrics. With --record
+every record the model was fed goes to a trace, which `replay` judges the same way.
 
 Reconciles run in a thread of their own: a view that never answers (a hung sysfs read) then
 shows as memhp_reconcile_running_seconds growing and one log line, and never keeps SIGTERM from
@@ -18,9 +18,11 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 
 from . import snapshot
 from .metrics import StateCollector
-from .model.invariants import judge_views
+from .model.model import SETTLE_NS, Model
+from .report import anomaly_headline
 from .snapshot import Snapshot
-from .uevents import UeventListener
+from .sources.live import LiveSource
+from .trace import TraceWriteError, TraceWriter
 from .probes.availability import has_kprobes, missing_privilege, try_fentry
 from .probes.loader import ProbeError, attach
 from .views.source import ViewError
@@ -37,14 +39,10 @@ class State:
     probe_methods: dict = field(default_factory=dict)   # function -> kprobe/kfunc; absent = none
     snapshot: Optional[Snapshot] = None
     anomalies: tuple = ()
-    anomalies_reported: dict = field(default_factory=dict)  # kind -> count since start
+    anomalies_reported: dict = field(default_factory=dict)  # (kind, severity) -> count since start
     reconciled_at: float = 0.0
     reconcile_seconds: float = 0.0
     reconcile_errors: int = 0
-
-
-def _anomaly_key(a):
-    return (a.kind, a.node, a.zone, a.start_pfn, a.end_pfn)
 
 
 def _result(event):
@@ -52,34 +50,43 @@ def _result(event):
 
 
 class Daemon:
-    def __init__(self, root="/", interval=10.0, mode="auto"):
+    def __init__(self, root="/", interval=10.0, mode="auto", record=None):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
+        self.record = record       # a trace file of everything the model was fed, or None
         self.stop = threading.Event()
         self.current = None
-        self.probes = None
-        self._active_keys = set()
+        self.source = None
+        self.model = Model()
+        self.writer = None
+        self.first = None          # the first Snapshot read: the trace header comes from it
+        self._held = []            # records that came before the header could be made
         self.uevents = {}          # action -> memory-block uevents seen
         self.events = {}           # (function, origin, result) -> probe events seen
         self.events_lost = 0
+        self._lock = threading.Lock()        # State is replaced by both threads
         self._due = threading.Event()        # a reconcile is wanted
         self._done = threading.Event()       # set after every reconcile
         self._running_since = None           # monotonic start of the reconcile in progress
         self._stuck_said = None              # _running_since of the reconcile said to be stuck
 
+    def _update(self, **changes):
+        with self._lock:
+            self.current = _replace(self.current, **changes)
+
     def _attach(self):
-        """{function: method} of the attached probes; {} in procfs mode. Without kprobes, the
-        fentry load is tried in a child first: a refusal then costs the daemon no LLVM."""
+        """(Probes, status of every function), or (None, {}) in procfs mode. Without kprobes,
+        the fentry load is tried in a child first: a refusal then costs the daemon no LLVM."""
         if self.mode == "procfs" or self.root != "/":
             log.info("procfs mode (%s)", "--mode procfs" if self.mode == "procfs" else "--root")
-            return {}
+            return None, {}
         lacking = missing_privilege()
         if lacking:
             if self.mode == "bpf":
                 raise ProbeError(f"--mode bpf: {lacking}")
             log.info("BPF off: %s: procfs mode", lacking)
-            return {}
+            return None, {}
         if not has_kprobes():
             loaded, why = try_fentry(timeout=60)
             if not loaded:
@@ -87,22 +94,25 @@ class Daemon:
                 if self.mode == "bpf":
                     raise ProbeError(f"--mode bpf: {reason}")
                 log.info("BPF off: %s: procfs mode", reason)
-                return {}
+                return None, {}
         probes, status = attach(self.mode)
         if probes is None:
-            return {}
-        attached = {fn: st.method for fn, st in status.items() if st.attached}
-        self.probes = probes
-        log.info("BPF mode: %d of %d functions attached", len(attached), len(status))
-        return attached
+            return None, {}
+        log.info("BPF mode: %d of %d functions attached",
+                 sum(st.attached for st in status.values()), len(status))
+        return probes, status
 
     def start(self, host, port):
         """Probes first (one line saying why BPF is off), then the first reconcile, then the
         listener. False when stopped before the first reconcile finished."""
-        attached = self._attach()
+        if self.record:
+            self.writer = TraceWriter(self.record)   # a bad path fails before anything loads
+        probes, status = self._attach()
+        self.source = LiveSource(self.root, probes, status)
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
-        self.current = State(kernel=kernel, mode="bpf" if attached else "procfs",
-                             probe_methods=attached)
+        self.current = State(kernel=kernel, mode=self.source.mode,
+                             probe_methods={fn: st.method for fn, st in status.items()
+                                            if st.attached})
         registry = CollectorRegistry()
         registry.register(StateCollector(self))
         ProcessCollector(registry=registry)
@@ -110,8 +120,7 @@ class Daemon:
         self._due.set()
         while not self._done.wait(0.2):
             if self.stop.is_set():
-                if self.probes:
-                    self.probes.close()
+                self.source.close()
                 return False
             self._say_if_stuck()
         start_http_server(port, addr=host, registry=registry)   # OSError when the port is taken
@@ -119,18 +128,17 @@ class Daemon:
         return True
 
     def _reconciler(self):
-        """The reconcile thread: one reconcile each time one is due. A daemon thread, so that
-        one blocked in a read never holds up the exit."""
+        """The reconcile thread: one read of the views each time one is due. A daemon thread,
+        so that one blocked in a read never holds up the exit."""
         while True:
             self._due.wait()
             self._due.clear()
             self._running_since = time.monotonic()
             try:
                 self.reconcile()
-            except Exception as e:   # a bug in a rule must not end reconciling for good
+            except Exception as e:   # a bug in a reader must not end reconciling for good
                 log.error("reconcile failed: %s: %s", type(e).__name__, e)
-                self.current = _replace(self.current,
-                                        reconcile_errors=self.current.reconcile_errors + 1)
+                self._update(reconcile_errors=self.current.reconcile_errors + 1)
             finally:
                 self._running_since = None
                 self._done.set()
@@ -149,74 +157,105 @@ class Daemon:
                       "keeps the last complete one (memhp_reconcile_running_seconds)", STUCK_SECONDS)
 
     def reconcile(self):
+        """Read the views; the snapshot goes to the model through the source, in order."""
         began = time.monotonic()
         try:
-            snap = snapshot.take(self.root)
+            snap = self.source.read_views()
         except (ViewError, OSError) as e:   # OSError: a sysfs race the readers did not foresee
             log.error("reconcile failed: %s", e)
-            self.current = _replace(self.current, reconcile_errors=self.current.reconcile_errors + 1)
+            self._update(reconcile_errors=self.current.reconcile_errors + 1)
             return
         if snap.resources is None and (self.current.snapshot is None
                                        or self.current.snapshot.resources is not None):
             log.warning("resource invariants off: %s", snap.iomem_error)
-        found = judge_views(snap, time.time_ns())
-        reported = dict(self.current.anomalies_reported)
-        keys = set()
-        for a in found:
-            keys.add(_anomaly_key(a))
-            if _anomaly_key(a) not in self._active_keys:
-                reported[a.kind] = reported.get(a.kind, 0) + 1
-                log.warning("%s %s: %s", a.severity, a.kind, a.message)
-        self._active_keys = keys
-        self.current = _replace(self.current, snapshot=snap, anomalies=tuple(found),
-                                anomalies_reported=reported, reconciled_at=time.time(),
-                                reconcile_seconds=time.monotonic() - began)
+        self.first = self.first or snap
+        self._update(snapshot=snap, reconciled_at=time.time(),
+                     reconcile_seconds=time.monotonic() - began)
 
     def loop(self):
-        """Reconcile every interval, and at once when a memory block is added, removed,
-        onlined or offlined (its uevent), so a change shows without waiting for the interval."""
-        listener = UeventListener() if self.root == "/" else None
-        next_at = time.monotonic() + self.interval
+        """Feed the model what the source puts out; reconcile every interval, and soon after a
+        memory block is added, removed, onlined or offlined (its uevent): at once, and again
+        once the uevents have settled, so that two reads can agree (procfs mode judges so)."""
+        next_at = time.monotonic() + min(self.interval, SETTLE_NS * 1.5 / 1e9)
         try:
             while not self.stop.is_set():
                 wait = max(0.0, min(next_at - time.monotonic(), 0.5))
-                if self.probes:
-                    self._count(*self.probes.poll(int(wait * 1000)))
-                    wait = 0
-                if listener:
-                    seen = listener.poll(wait)
-                else:
-                    self.stop.wait(wait)
-                    seen = []
-                for u in seen:
-                    self.uevents[u["action"]] = self.uevents.get(u["action"], 0) + 1
-                if seen or time.monotonic() >= next_at:
+                records = self.source.poll(wait)
+                self._take(records)
+                if any(r["type"] == "uevent" for r in records):
                     self._due.set()    # no second one while one runs: it runs once more after
+                    next_at = min(next_at, time.monotonic() + SETTLE_NS * 1.5 / 1e9)
+                elif time.monotonic() >= next_at:
+                    self._due.set()
                     next_at = time.monotonic() + self.interval
                 self._say_if_stuck()
         finally:
-            if listener:
-                listener.close()
-            if self.probes:
-                self.probes.close()
+            self._take(self.source.drain())
+            self._judge_held()
+            self.source.close()
+            if self.writer:
+                self.writer.close()
 
-    def _count(self, records, lost):
-        for e in records:
-            if e["type"] == "event":
-                key = (e["fn"], e["origin"], _result(e))
-                self.events[key] = self.events.get(key, 0) + 1
-        self.events_lost += lost
+    def _take(self, records):
+        """Count, record and judge records, in order; the header first, once a read made it."""
+        if self.model.header is None:
+            if self.first is None:
+                self._held += records
+                return
+            records = [self.source.header(self.first)] + self._held + records
+            self._held = []
+        found = []
+        for rec in records:
+            self._count(rec)
+            self._write(rec)
+            try:
+                found += self.model.feed(rec)
+            except Exception as e:   # a bug in a rule must not end judging for good
+                log.error("the model failed on a %s record: %s: %s", rec["type"],
+                          type(e).__name__, e)
+                self._update(reconcile_errors=self.current.reconcile_errors + 1)
+        for a in found:
+            log.warning("%s", anomaly_headline(a))
+        if records:
+            self._update(anomalies=tuple(self.model.active.values()),
+                         anomalies_reported=dict(self.model.reported))
+
+    def _judge_held(self):
+        """At the end, as replay does at the end of the trace: the reads still held."""
+        if self.model.header is not None:
+            for a in self.model.finish():
+                log.warning("%s", anomaly_headline(a))
+
+    def _write(self, rec):
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(rec)
+        except TraceWriteError as e:
+            log.error("recording stopped: %s", e)
+            self.writer.close()
+            self.writer = None
+
+    def _count(self, rec):
+        kind = rec["type"]
+        if kind == "event":
+            key = (rec["fn"], rec["origin"], _result(rec))
+            self.events[key] = self.events.get(key, 0) + 1
+        elif kind == "uevent":
+            self.uevents[rec["action"]] = self.uevents.get(rec["action"], 0) + 1
+        elif kind == "lost":
+            self.events_lost += rec["count"]
 
 
-def run(host, port, root="/", interval=10.0, mode="auto"):
-    """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start or --mode bpf
-    cannot attach."""
-    daemon = Daemon(root, interval, mode)
+def run(host, port, root="/", interval=10.0, mode="auto", record=None):
+    """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
+    cannot attach or the --record file cannot be made."""
+    daemon = Daemon(root, interval, mode, record)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     try:
         started = daemon.start(host, port)
-    except ProbeError as e:
+    except (ProbeError, TraceWriteError) as e:
         log.error("%s", e)
         return 1
     except OSError as e:

@@ -6,7 +6,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from . import __version__
 from .model.anomaly import SEVERITY
 from .probes.functions import ALL as PROBED_FUNCTIONS
-from .snapshot import hotplug_resources
+from .formats import hotplug_resources
 
 
 def _blocks_by_key(blocks):
@@ -115,7 +115,9 @@ class StateCollector:
                                     labels=["kind", "severity"])
         for kind in sorted(SEVERITY):
             active.add_metric([kind], sum(1 for a in s.anomalies if a.kind == kind))
-            total.add_metric([kind, SEVERITY[kind]], s.anomalies_reported.get(kind, 0))
+        # every kind at its usual severity, and where one was said at another (an info failure)
+        for kind, severity in sorted(set(s.anomalies_reported) | set(SEVERITY.items())):
+            total.add_metric([kind, severity], s.anomalies_reported.get((kind, severity), 0))
         yield active
         yield total
 

@@ -1,6 +1,6 @@
-"""Human-readable text for `snapshot` (the JSON shape lives in snapshot.py)."""
+"""All human-readable text: `snapshot`, anomalies (the JSON shapes live in formats.py)."""
 
-from . import snapshot as snap_mod
+from .formats import snapshot_json
 
 
 def _size(n):
@@ -11,7 +11,7 @@ def _size(n):
 
 
 def snapshot_text(snap):
-    doc = snap_mod.to_json(snap)
+    doc = snapshot_json(snap)
     out = [f"kernel {doc['kernel'] or 'unknown'}, root {doc['root']}, page size {doc['page_size']}, "
            f"block size {_size(doc['block_size'])}", "", "ZONES"]
     out.append(f"{'NODE':>4} {'ZONE':<8} {'START_PFN':>12} {'END_PFN':>12} {'SPANNED':>10} "
@@ -45,7 +45,8 @@ def snapshot_text(snap):
     return "\n".join(out)
 
 
-def anomaly_line(a):
+def anomaly_headline(a):
+    """One line: severity, kind, where, and the sentence (the daemon logs this)."""
     where = []
     if a.node is not None:
         where.append(f"node {a.node}")
@@ -53,7 +54,10 @@ def anomaly_line(a):
         where.append(a.zone)
     if a.start_pfn is not None:
         where.append(f"pfn {a.start_pfn:#x}-{a.end_pfn:#x}")
-    lines = [f"{a.severity:<8} {a.kind} ({', '.join(where)}): {a.message}" if where else
-             f"{a.severity:<8} {a.kind}: {a.message}"]
-    lines += [f"         evidence: {e}" for e in a.evidence]
-    return "\n".join(lines)
+    return f"{a.severity:<8} {a.kind} ({', '.join(where)}): {a.message}" if where else \
+        f"{a.severity:<8} {a.kind}: {a.message}"
+
+
+def anomaly_line(a):
+    """The headline, then the evidence, a line each."""
+    return "\n".join([anomaly_headline(a)] + [f"         evidence: {e}" for e in a.evidence])

@@ -68,6 +68,12 @@ class TraceWriter:
 
 def read_trace(path):
     """Yield the records of a trace, checked: a header first, known types, required fields."""
+    for _, rec in read_trace_lines(path):
+        yield rec
+
+
+def read_trace_lines(path):
+    """(line number, record) of each record of a trace, checked as read_trace checks them."""
     try:
         f = open(path)
     except OSError as e:
@@ -89,4 +95,4 @@ def read_trace(path):
             missing = [k for k in REQUIRED[rec["type"]] if k not in rec]
             if missing:
                 raise TraceError(path, lineno, f"{rec['type']} without {', '.join(missing)}")
-            yield rec
+            yield lineno, rec

@@ -40,9 +40,12 @@ def run_daemon(root):
     from prometheus_client import CollectorRegistry, generate_latest
     from observer.daemon import Daemon, State
     from observer.metrics import StateCollector
+    from observer.sources.live import LiveSource
     d = Daemon(root, mode="procfs")
     d.current = State(kernel="campaign", mode="procfs")
+    d.source = LiveSource(root)
     d.reconcile()
+    d._take(d.source.poll(0))   # the read, and the header made from it, through the model
     registry = CollectorRegistry()
     registry.register(StateCollector(d))
     return {"outcome": "exit", "code": 0, "reconcile_errors": d.current.reconcile_errors,

@@ -173,16 +173,34 @@ def test_process_metrics_agree_with_psutil_and_llvm_stays_out(observer):
     assert o.stop()[0] == 0
 
 
-def test_span_leak_in_the_views_shows_in_metrics(observer, host_copy):
+def judged(o, kind, timeout=15):
+    """The samples once an anomaly of this kind is active: procfs mode judges a read only when
+    the one before it agrees, and not in the observer's first second."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = o.samples(o.scrape())
+        if m.get(("memhp_anomalies_active", (("kind", kind),))) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def test_span_leak_in_the_views_shows_in_metrics(observer, host_copy, tmp_path):
     (host_copy / "sys/devices/system/memory/memory199/state").write_text("offline\n")
-    o = observer("--root", str(host_copy))
-    m = o.samples()
+    trace = tmp_path / "run.jsonl"
+    o = observer("--root", str(host_copy), "--reconcile-interval", "0.5", "--record", str(trace))
+    m = judged(o, "zone_span_leak")
     assert m[("memhp_anomalies_active", (("kind", "zone_span_leak"),))] == 1
     assert m[("memhp_anomalies_total", (("kind", "zone_span_leak"), ("severity", "critical")))] == 1
     assert m[("memhp_zone_span_leak_pages", (("node", "0"), ("zone", "Normal")))] == 32768
     assert m[("memhp_memory_blocks", (("node", "0"), ("state", "offline"), ("zone", "none")))] == 1
     code, err = o.stop()
     assert code == 0 and "critical zone_span_leak" in err
+    # what run recorded, replay judges the same: the same anomaly, said the same way
+    said = [line.split(": ", 1)[1] for line in err.splitlines() if ": critical " in line]
+    replayed = subprocess.run([EXE, "replay", str(trace)], capture_output=True, text=True,
+                              timeout=60)
+    assert replayed.returncode == 1
+    assert [line for line in replayed.stdout.splitlines() if line.startswith("critical")] == said
 
 
 def test_port_in_use_is_one_line_and_nonzero(observer):

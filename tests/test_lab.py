@@ -13,11 +13,15 @@ import time
 import psutil
 import pytest
 
-from observer import snapshot
+from observer import report, snapshot
+from observer.formats import snapshot_from_record
 from observer.lab import kernels, session
 from observer.lab import LabError
 from observer.lab.guest import Guest
 from observer.lab.scenarios import DIMM_SIZE, SCENARIOS, VIRTIO_MEM_SIZE, default_scenarios
+from observer.model.anomaly import CRITICAL
+from observer.model.invariants import judge_views
+from observer.pipeline import replay
 from observer.views import iomem
 
 EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
@@ -414,13 +418,18 @@ def test_fentry_sees_the_same_calls_as_kprobes(lab):
     assert len(kprobes) > 100 and fentry == kprobes
 
 
-def test_daemon_follows_uevents_between_its_reconciles(lab):
-    # the guest's daemon ran with a one-hour interval; its view at the end came from uevents
+def daemon_samples(results, summary, mode):
     from prometheus_client.parser import text_string_to_metric_families
+    with open(os.path.join(results, summary["metrics"][mode])) as f:
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(f.read()) for s in fam.samples}
+
+
+def test_daemon_follows_uevents_between_its_reconciles(lab):
+    # the procfs daemon saw every memory-block uevent the procfs recorder saw, and its last
+    # view holds every block
     results, summary = lab
-    with open(os.path.join(results, summary["metrics"])) as f:
-        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-                   for fam in text_string_to_metric_families(f.read()) for s in fam.samples}
+    samples = daemon_samples(results, summary, "procfs")
     uevents = [r for r in trace(results, "trace-procfs.jsonl") if r["type"] == "uevent"]
     for action in ("add", "remove", "online", "offline"):
         assert samples[("memhp_uevents_total", (("action", action),))] == \
@@ -436,6 +445,53 @@ def test_results_directory_of_something_else_is_refused(tmp_path):
                          timeout=60)
     assert out.returncode == 1 and "is not empty and holds no earlier lab session" in out.stderr
     assert (tmp_path / "thesis.tex").exists()
+
+
+@pytest.mark.parametrize("name", (session.TRACE, session.KFUNC_TRACE, session.PROCFS_TRACE))
+def test_replay_of_every_trace_finds_no_critical_anomaly(lab, name):
+    """Three recorders read the views every SNAPSHOT_SECONDS through every scenario, hotplug in
+    flight or not: the model judges the settled reads and raises nothing critical, and in BPF
+    mode the events put every block where the kernel shows it (no model_drift)."""
+    results, _ = lab
+    path = os.path.join(results, name)
+    found, model = replay(path)
+    assert not [a.message for a in found if a.severity == CRITICAL]
+    assert not [a.message for a in found if a.kind == "model_drift"]
+    records = trace(results, name)
+    snapshots = [r for r in records if r["type"] == "snapshot"]
+    assert model.snapshots["judged"] + model.snapshots["unsettled"] == len(snapshots)
+    assert model.snapshots["judged"] >= 10
+    if name != session.PROCFS_TRACE:
+        # each read waited for the calls begun before it: the model could judge it at once
+        assert all(r.get("calls_before") is not None for r in snapshots)
+    transient = sum(1 for r in snapshots
+                    if any(a.severity == CRITICAL
+                           for a in judge_views(snapshot_from_record(r, records[0]), 0)))
+    print(f"{name}: {len(snapshots)} reads, {model.snapshots}; the view rules alone would call "
+          f"{transient} of them critical")
+
+
+@pytest.mark.parametrize("mode", session.DAEMONS)
+def test_daemons_watching_every_scenario_raise_no_false_alarm(lab, mode):
+    """A daemon per mode reconciled every second through every scenario (stress and the
+    kernel's selftest included): no critical anomaly in its log or its metrics, and `replay`
+    of what it recorded reports exactly what it logged."""
+    results, summary = lab
+    log_name, record, _ = session.daemon_files(mode)
+    with open(os.path.join(results, log_name)) as f:
+        log = f.read()
+    assert {"bpf": "BPF mode:", "procfs": "procfs mode (--mode procfs)"}[mode] in log
+    said = [line.split(": ", 1)[1] for line in log.splitlines()
+            if line.split(": ", 1)[-1].split(" ", 1)[0] in ("critical", "warning", "info")]
+    assert not [line for line in said if line.startswith("critical")]
+    samples = daemon_samples(results, summary, mode)
+    assert not [k for k, v in samples.items() if k[0] == "memhp_anomalies_total"
+                and ("severity", "critical") in k[1] and v]
+    found, model = replay(os.path.join(results, record))
+    assert [report.anomaly_headline(a) for a in found] == said
+    assert model.snapshots["judged"] >= 20
+    print(f"daemon {mode}: {model.snapshots}; {len(said)} anomalies said "
+          f"({', '.join(sorted({line.split()[1] for line in said}))})")
 
 
 # --- cross-checks of every recorded trace against independent evidence -----------------------
@@ -622,7 +678,7 @@ def test_daemon_counted_what_the_recorder_saw(lab):
     # the daemon's own probes against the recorder's: same calls, by function
     from prometheus_client.parser import text_string_to_metric_families
     results, summary = lab
-    with open(os.path.join(results, summary["metrics"])) as f:
+    with open(os.path.join(results, summary["metrics"]["bpf"])) as f:
         families = {fam.name: fam for fam in text_string_to_metric_families(f.read())}
     attached = {s.labels["function"]: s.labels["method"] for s in families["memhp_probe_attached"].samples
                 if s.value == 1}

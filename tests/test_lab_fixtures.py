@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import FIXTURES
-from observer import snapshot
+from observer import formats, snapshot
 from observer.model.invariants import judge_views
 from observer.lab.scenarios import CONFLICT_ADDR, CONFLICT_SIZE
 from observer.views import iomem
@@ -38,7 +38,7 @@ def test_the_lab_fixtures_cover_every_scenario_step(lab):
 @pytest.mark.parametrize("path", CAPTURES, ids=lambda p: os.path.relpath(p, FIXTURES))
 def test_snapshot_and_check_on_every_capture(path):
     snap = snapshot.take(path)
-    doc = snapshot.to_json(snap)
+    doc = formats.snapshot_json(snap)
     assert doc["summary"]["blocks"] == len(snap.blocks.blocks) > 0
     assert doc["resources"] is not None and doc["iomem_error"] is None
     assert judge_views(snap, 0) == []
@@ -70,7 +70,7 @@ def test_kmem_resource_tree():
     assert (ram.name, dax.name) == ("System RAM (kmem)", "dax0.0")
     [pmem] = [p for r, p in iomem.walk(snap.resources) if r is dax]
     assert pmem.name == "Persistent Memory (legacy)"
-    types = {r["name"]: r["type"] for r in snapshot.hotplug_resources(snap.resources)}
+    types = {r["name"]: r["type"] for r in formats.hotplug_resources(snap.resources)}
     assert types["dax0.0"] == "driver_parent" and types["namespace0.0"] == "device"
     assert types["System RAM (kmem)"] == "system_ram_driver_managed"
 

@@ -47,18 +47,19 @@ def run(results, names, release=None, progress=None):
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
             # the probes' trace (kprobes), the same through fentry, and what procfs mode sees
-            daemon = start_daemon(guest)
+            daemons = [start_daemon(guest, mode) for mode in DAEMONS]
             recorders = [start_recorder(guest, TRACE),
                          start_recorder(guest, KFUNC_TRACE, "bpf", "kfunc"),
                          start_recorder(guest, PROCFS_TRACE, "procfs")]
             summary["recorder_start_seconds"] = recorders[0]["seconds"]
-            wait_daemon(guest, daemon)
+            for daemon in daemons:
+                wait_daemon(guest, daemon)
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
             summary["recorded"] = [stop_recorder(guest, r) for r in recorders]
-            summary["metrics"] = scrape_daemon(guest, daemon)
+            summary["metrics"] = {d["mode"]: scrape_daemon(guest, d) for d in daemons}
             keep_evidence(guest)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -73,6 +74,7 @@ def run(results, names, release=None, progress=None):
 TRACE = "trace.jsonl"
 PROCFS_TRACE = "trace-procfs.jsonl"
 KFUNC_TRACE = "trace-kfunc.jsonl"
+SNAPSHOT_SECONDS = 5   # the recorders read the views this often, hotplug in flight or not
 
 
 def start_recorder(guest, trace, mode="bpf", method="auto", timeout=300):
@@ -82,7 +84,7 @@ def start_recorder(guest, trace, mode="bpf", method="auto", timeout=300):
     log = os.path.join(guest.results, trace.replace(".jsonl", ".log"))
     began = time.monotonic()
     pid = guest.sh(f"{exe} record -o {guest.results}/{trace} --mode {mode} --probe-method {method} "
-                   f"--snapshot-interval 60 > {log} 2>&1 & echo $!")["out"].strip()
+                   f"--snapshot-interval {SNAPSHOT_SECONDS} > {log} 2>&1 & echo $!")["out"].strip()
     guest.say("starting the recorder (bcc compiles in the guest)")
     while "recording to" not in _read(log):
         if time.monotonic() - began > timeout or guest.sh(f"kill -0 {pid}", check=False)["rc"]:
@@ -105,18 +107,25 @@ def stop_recorder(guest, recorder, timeout=120):
     return _read(log).strip().splitlines()[-1]
 
 
-DAEMON_PORT = 9477
-METRICS = "metrics.txt"
+# The daemons watch the whole session at a 1 s reconcile, one per mode: each records what its
+# model was fed (replay must judge it the same) and is scraped at the end.
+DAEMONS = {"bpf": 9477, "procfs": 9478}
+RECONCILE_SECONDS = 1
 
 
-def start_daemon(guest):
-    """`memhp-observer run` in the guest with a long interval: what it shows at the end of the
-    session comes from memory-block uevents, not from its timer."""
+def daemon_files(mode):
+    """(log, recorded trace, metrics) of the daemon of this mode, in the results directory."""
+    return f"daemon-{mode}.log", f"daemon-{mode}.jsonl", f"metrics-{mode}.txt"
+
+
+def start_daemon(guest, mode):
+    """`memhp-observer run` in the guest in this mode (bpf: its own probes)."""
     exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
-    log = os.path.join(guest.results, "daemon.log")
-    pid = guest.sh(f"{exe} run --listen 127.0.0.1:{DAEMON_PORT} --reconcile-interval 3600 "
+    log, record, _ = (os.path.join(guest.results, f) for f in daemon_files(mode))
+    pid = guest.sh(f"{exe} run --listen 127.0.0.1:{DAEMONS[mode]} --mode {mode} "
+                   f"--reconcile-interval {RECONCILE_SECONDS} --record {record} "
                    f"> {log} 2>&1 & echo $!")["out"].strip()
-    return {"pid": pid, "log": log}
+    return {"pid": pid, "log": log, "mode": mode}
 
 
 def wait_daemon(guest, daemon, timeout=300):
@@ -144,13 +153,17 @@ def keep_evidence(guest):
 
 
 def scrape_daemon(guest, daemon):
-    """/metrics of the guest's daemon into RESULTS/metrics.txt, then SIGTERM it."""
-    out = os.path.join(guest.results, METRICS)
+    """/metrics of a guest's daemon into RESULTS/metrics-MODE.txt, then SIGTERM it and wait
+    for it to finish its log (what it judged last, when it stopped)."""
+    name = daemon_files(daemon["mode"])[2]
     guest.sh(f"{sys.executable} -c 'import urllib.request,sys; sys.stdout.write(urllib.request."
-             f"urlopen(\"http://127.0.0.1:{DAEMON_PORT}/metrics\", timeout=30).read().decode())'"
-             f" > {out}")
+             f"urlopen(\"http://127.0.0.1:{DAEMONS[daemon['mode']]}/metrics\", timeout=30).read()"
+             f".decode())' > {os.path.join(guest.results, name)}")
     guest.sh(f"kill -TERM {daemon['pid']}")
-    return METRICS
+    deadline = time.monotonic() + 60
+    while "\nmemhp-observer: stopped" not in _read(daemon["log"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return name
 
 
 def _fresh(results):

@@ -24,10 +24,13 @@ from .anomaly import Anomaly
 DEVICE_ZONE = "Device"  # ZONE_DEVICE spans never shrink since 5.5: not a leak (device_span_stale)
 
 
-def judge_views(snap, ts_ns):
+def judge_views(snap, ts_ns, was_online=None):
     """Every view invariant of one snapshot, in the page size of the kernel it was read from.
-    Without /proc/iomem (read without CAP_SYS_ADMIN) only the zone rules can be judged."""
-    out = span_leaks(snap.zones, snap.blocks, snap.page_size, ts_ns)
+    Without /proc/iomem (read without CAP_SYS_ADMIN) only the zone rules can be judged.
+    was_online(block, zone): whether the block was ever seen online in the zone, where there is
+    a history (the model's); a zone edge on a block never online in it is then a hole of the
+    boot span that hot-added memory fills, not a span that failed to shrink."""
+    out = span_leaks(snap.zones, snap.blocks, snap.page_size, ts_ns, was_online)
     if snap.resources is not None:
         out += resource_anomalies(snap.resources, snap.blocks, snap.page_size, ts_ns)
     return out
@@ -59,7 +62,7 @@ def _blocks_between(blocks, indexes, first, last):
     return blocks[bisect_left(indexes, first):bisect_right(indexes, last)]
 
 
-def span_leaks(zones, blocks, page_size, ts_ns):
+def span_leaks(zones, blocks, page_size, ts_ns, was_online=None):
     per_block = blocks.block_size // page_size
     ordered = blocks.blocks                     # sorted by index
     indexes = [b.index for b in ordered]
@@ -82,7 +85,8 @@ def span_leaks(zones, blocks, page_size, ts_ns):
         at_end = mine[-1] if mine and mine[-1].index == last else None
 
         def stray(b):
-            return b is not None and not _online_in(b, z, per_block)
+            return b is not None and not _online_in(b, z, per_block) and \
+                (was_online is None or was_online(b, z))
 
         # Since 5.5 offlining at an edge moves the edge to the zone's next online pfn
         # (shrink_zone_span, kernel-reference.md §5.1): an edge may lie in a hole (a boot span),

@@ -260,6 +260,14 @@ class Probes:
                 return begun
         return None
 
+    def calls_begun(self):
+        """How many calls have taken a number: every call numbered below it entered before now."""
+        return self.bpf[b"counters"][ctypes.c_int(0)].value if self.bpf is not None else 0
+
+    def released_below(self):
+        """Every call numbered below it has been put out by poll (event, begun or skipped)."""
+        return self.order.next_seq
+
     def poll(self, timeout_ms=200):
         """Records now in call order (decoded trace events, and `begun`/`skipped` where a call
         held the order up), and the count of newly lost events."""

@@ -1,0 +1,108 @@
+"""The live source, one for `record` and `run`: the kernel views, memory-block uevents and, in
+BPF mode, the probes' events, as one stream of trace records in the order the model needs.
+
+The views may be read in another thread (a read can hang on sysfs); a snapshot record is put
+out only after every probed call that entered before its read ended (so the model sees what
+ran during the read before it sees the read), or after WAIT_SECONDS without, marked unknown."""
+
+import os
+import queue
+import time
+
+from .. import formats, snapshot
+from ..trace import FORMAT, VERSION
+from ..uevents import UeventListener
+
+SECTION_SIZE_X86_64 = 1 << 27    # SECTION_SIZE_BITS on x86-64; not exported by the kernel
+WAIT_SECONDS = 5.0               # longer than the call order waits for a call's number (1 s)
+
+
+class LiveSource:
+    def __init__(self, root="/", probes=None, status=None):
+        """probes: attached Probes (BPF mode), or None (procfs mode); status: every function's
+        ProbeStatus, for the header."""
+        self.root = root
+        self.probes = probes
+        self.status = status or {}
+        self.mode = "bpf" if probes else "procfs"
+        self.uevents = UeventListener() if root == "/" else None
+        self._read = queue.SimpleQueue()   # views read, their record not yet put out
+        self._waiting = None               # the one whose calls are still coming in
+        self.lost = 0
+
+    def header(self, first):
+        """The trace header, from the first Snapshot read."""
+        return {"type": "header", "format": FORMAT, "version": VERSION,
+                "kernel": first.kernel, "page_size": first.page_size,
+                "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
+                "block_size": first.blocks.block_size, "mode": self.mode,
+                "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
+                "probes": {fn: {"attached": st.attached,
+                                "method": st.method if st.attached else "none",
+                                "shape": st.shape, "reason": st.reason}
+                           for fn, st in self.status.items()}}
+
+    def read_views(self):
+        """Read every view (in any thread) and queue its snapshot record; the Snapshot."""
+        began = time.monotonic_ns()
+        snap = snapshot.take(self.root)
+        ended = time.monotonic_ns()
+        calls = self.probes.calls_begun() if self.probes else 0
+        self._read.put((snap, began, ended, calls, time.monotonic()))
+        return snap
+
+    def poll(self, timeout=0.2):
+        """The records now in order: events (and begun/skipped/lost), uevents, snapshots."""
+        out = []
+        if self.probes:
+            records, lost = self.probes.poll(int(timeout * 1000))
+            out += records
+            if lost:
+                self.lost += lost
+                out.append({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+            timeout = 0
+        if self.uevents:
+            out += self.uevents.poll(timeout)
+        elif timeout:
+            time.sleep(timeout)
+        return out + self._snapshots(final=False)
+
+    def _snapshots(self, final):
+        out = []
+        while True:
+            if self._waiting is None:
+                try:
+                    self._waiting = self._read.get_nowait()
+                except queue.Empty:
+                    return out
+            snap, began, ended, calls, read_at = self._waiting
+            if self.probes and self.probes.released_below() < calls:
+                if not final and time.monotonic() - read_at < WAIT_SECONDS:
+                    return out
+                calls = None   # the model holds the snapshot until the trace is past it
+            out.append(formats.snapshot_record(snap, began, ended, calls))
+            self._waiting = None
+
+    def drain(self):
+        """At the end: every record still held."""
+        out = []
+        if self.probes:
+            deadline = time.monotonic() + WAIT_SECONDS
+            while self._waiting_for_calls() and time.monotonic() < deadline:
+                out += self.poll(0.1)
+            records, lost = self.probes.poll(0)
+            out += records + self.probes.drain()
+            if lost:
+                out.append({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+        if self.uevents:
+            out += self.uevents.poll(0)
+        return out + self._snapshots(final=True)
+
+    def _waiting_for_calls(self):
+        return self._waiting is not None or not self._read.empty()
+
+    def close(self):
+        if self.probes:
+            self.probes.close()
+        if self.uevents:
+            self.uevents.close()
