@@ -115,7 +115,7 @@ def cmd_lab(args):
     from .lab.scenarios import SCENARIOS, default_scenarios
     if args.list:
         for s in SCENARIOS.values():
-            print(f"{s.name:<14} {s.what}" + (" (own boot: name it)" if s.append else ""))
+            print(f"{s.name:<14} {s.what}" + (" (own boot: name it)" if s.boots_alone else ""))
         return 0
     names = args.scenario or default_scenarios()
     try:

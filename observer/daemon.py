@@ -40,6 +40,7 @@ class State:
     snapshot: Optional[Snapshot] = None
     anomalies: tuple = ()
     anomalies_reported: dict = field(default_factory=dict)  # (kind, severity) -> count since start
+    snapshots: dict = field(default_factory=dict)           # verdict -> reads the model took
     reconciled_at: float = 0.0
     reconcile_seconds: float = 0.0
     reconcile_errors: int = 0
@@ -218,7 +219,8 @@ class Daemon:
             log.warning("%s", anomaly_headline(a))
         if records:
             self._update(anomalies=tuple(self.model.active.values()),
-                         anomalies_reported=dict(self.model.reported))
+                         anomalies_reported=dict(self.model.reported),
+                         snapshots=dict(self.model.snapshots))
 
     def _judge_held(self):
         """At the end, as replay does at the end of the trace: the reads still held."""

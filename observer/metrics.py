@@ -69,6 +69,12 @@ class StateCollector:
                                      "Reconciles that could not read a kernel view")
         errors.add_metric([], s.reconcile_errors)
         yield errors
+        reads = CounterMetricFamily("memhp_snapshots", "Reads of the kernel views the model "
+                                    "judged, or left unjudged because hotplug was in flight",
+                                    labels=["verdict"])
+        for verdict in ("judged", "unsettled"):
+            reads.add_metric([verdict], s.snapshots.get(verdict, 0))
+        yield reads
         if s.snapshot is None:
             return
         last.add_metric([], s.reconciled_at)

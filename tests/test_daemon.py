@@ -190,6 +190,7 @@ def test_span_leak_in_the_views_shows_in_metrics(observer, host_copy, tmp_path):
     o = observer("--root", str(host_copy), "--reconcile-interval", "0.5", "--record", str(trace))
     m = judged(o, "zone_span_leak")
     assert m[("memhp_anomalies_active", (("kind", "zone_span_leak"),))] == 1
+    assert m[("memhp_snapshots_total", (("verdict", "judged"),))] >= 1
     assert m[("memhp_anomalies_total", (("kind", "zone_span_leak"), ("severity", "critical")))] == 1
     assert m[("memhp_zone_span_leak_pages", (("node", "0"), ("zone", "Normal")))] == 32768
     assert m[("memhp_memory_blocks", (("node", "0"), ("state", "offline"), ("zone", "none")))] == 1

@@ -126,6 +126,25 @@ def test_a_slow_outer_call_holds_nothing_up_and_keeps_its_place():
     assert order.skipped == 0 and not order.begun
 
 
+def test_a_read_of_the_views_gets_a_running_call_at_once():
+    # a read that ended while the outer call ran must not wait for its return: release_to
+    # writes it `begun` now, its children follow; a number neither held nor running stops it
+    events = [r for r in read_trace(TRACE) if r["type"] == "event"]
+    [outer] = [e for e in events if e["fn"] == "add_memory_resource"][:1]
+    inside = [e for e in events if e["seq"] > outer["seq"] and e["tid"] == outer["tid"]
+              and e["ts_ns"] < outer["ts_ns"] + outer["duration_ns"]]
+    running = {outer["seq"]: {k: v for k, v in outer.items() if k not in ("ret", "duration_ns")}}
+    order = CallOrder(wait_seconds=60, in_flight=running.get)
+    order.next_seq = outer["seq"]
+    for e in inside:
+        assert order.feed(e, now=0) == []
+    upto = inside[-1]["seq"] + 2               # one number past the children: not yet come
+    out = order.release_to(upto)
+    assert [(r["type"], r["seq"]) for r in out] == \
+        [("begun", outer["seq"])] + [("event", e["seq"]) for e in inside]
+    assert order.next_seq == upto - 1 and order.release_to(upto) == []
+
+
 # What each lab step did, as the lab's own step log says (steps.jsonl): the driver that asked for
 # the calls of that step. Independent of the stacks the origins are derived from.
 ASKED_BY = {("kmem", "system-ram", "arch_add_memory"): "kmem",

@@ -51,3 +51,50 @@ def vng_path(cache=CACHE):
     if not os.access(path, os.X_OK):
         raise LabSetupError(f"virtme-ng is not installed in {cache}/vng: run scripts/setup-lab.sh")
     return path
+
+
+MODULE_SOURCE = os.path.join(os.path.dirname(__file__), "module")
+
+
+def faults_module(release, cache=CACHE):
+    """The lab's fault module (module/memhp_faults.c) built for a kernel, kept in the cache.
+    It is built on this machine against the kernel's own headers, with this machine's
+    compiler: the one the headers were made with, or a clear refusal (a kernel of another
+    suite needs that suite's compiler, from a userland of its own)."""
+    import shutil
+    import subprocess
+    import tempfile
+    out = os.path.join(cache, "modules", release)
+    ko = os.path.join(out, "memhp_faults.ko")
+    sources = [os.path.join(MODULE_SOURCE, n) for n in ("memhp_faults.c", "Kbuild")]
+    if os.path.exists(ko) and all(os.path.getmtime(ko) >= os.path.getmtime(s) for s in sources):
+        return ko
+    build = f"/lib/modules/{release}/build"
+    try:
+        with open(os.path.join(build, "include", "generated", "autoconf.h")) as f:
+            wanted = int(re.search(r"CONFIG_GCC_VERSION (\d+)", f.read()).group(1)) // 10000
+    except (OSError, AttributeError):
+        raise LabSetupError(f"no headers for {release} at {build}: run scripts/setup-lab.sh") from None
+    try:
+        have = int(subprocess.run(["gcc", "-dumpversion"], capture_output=True, text=True,
+                                  timeout=30).stdout.split(".")[0])
+    except (OSError, ValueError):
+        have = None
+    if have != wanted:
+        raise LabSetupError(f"{release}'s headers were made with gcc-{wanted}, this machine has "
+                            f"{f'gcc-{have}' if have else 'no gcc'}: the fault module cannot be "
+                            f"built for it here")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    work = tempfile.mkdtemp(dir=os.path.dirname(out))
+    for s in sources:
+        shutil.copy(s, work)
+    made = subprocess.run(["make", "-C", build, f"M={work}", "modules"], capture_output=True,
+                          text=True, timeout=600)
+    if made.returncode != 0:
+        shutil.rmtree(work)
+        raise LabSetupError(f"building the fault module for {release} failed:\n"
+                            f"{(made.stdout + made.stderr)[-2000:]}")
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.rename(work, out)
+    return ko

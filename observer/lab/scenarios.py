@@ -92,11 +92,29 @@ class Scenario:
     what: str
     steps: list = field(default_factory=list)
     append: list = field(default_factory=list)   # kernel arguments it needs: it boots on its own
+    alone: bool = False                          # it leaves the kernel broken: a boot of its own
+
+    @property
+    def boots_alone(self):
+        return bool(self.append) or self.alone
 
 
 def default_scenarios():
     """What one boot runs when no scenario is named: every scenario that needs no boot of its own."""
-    return [name for name, s in SCENARIOS.items() if not s.append]
+    return [name for name, s in SCENARIOS.items() if not s.boots_alone]
+
+
+# The lab's fault module (module/memhp_faults.c, built per kernel by kernels.faults_module)
+FAULTS = "/sys/module/memhp_faults/parameters/action"
+FAULT_SETTLE_SECONDS = 12   # long enough for the recorders (a read every 5 s; procfs mode wants
+                            # two reads that agree) and the daemons to judge the state it left
+
+
+def _fault(action):
+    """Shell: one action of the fault module, then its last word (dmesg) once the observers
+    have had time to judge what it left."""
+    return (f"echo \"{action}\" > {FAULTS} && sleep {FAULT_SETTLE_SECONDS} && "
+            f"dmesg | grep 'memhp_faults: ' | tail -1")
 
 
 SCENARIOS = {s.name: s for s in [
@@ -181,6 +199,33 @@ SCENARIOS = {s.name: s for s in [
              # a failed add changes no view to wait for: the guest's ACPI work gets 10 s
              until="sleep 10"),
     ], append=[f"memmap={CONFLICT_SIZE >> 20}M!{CONFLICT_ADDR:#x}"]),
+    Scenario("faults", "what buggy drivers and kernels do, done by the lab's fault module: a "
+                       "pagemap left mapped after its region goes, a device range released as "
+                       "System RAM, a remove of memory never added, System RAM left over removed "
+                       "memory (whole, and stretched over part of it), Movable's span left wide "
+                       "after an offline and after a remove", [
+        Step("prepare", sh=f"{OFFLINE_POLICY} && insmod {{faults_module}}"),
+        Step("remove-never-added", sh=_fault("remove-never-added"), timeout=60),
+        Step("leak-whole", sh=_fault("leak-whole"), timeout=60),
+        Step("add-two", sh=_fault("add-two"), timeout=60),
+        Step("leak-partial", sh=_fault("leak-partial"), timeout=60),
+        Step("map", sh=_fault("map"), timeout=60),
+        Step("map-again", sh=_fault("map"), timeout=60),
+        Step("drop-owner", sh=_fault("drop-owner"), timeout=60),
+        Step("release-as-ram", sh=_fault("release-as-ram"), timeout=60),
+        *_dimm_added("dimm0", ""),
+        # seen online in Movable by every observer: procfs mode knows a block's zone only so
+        Step("online-movable", timeout=60, sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable "
+                                              f"> {MEM}/memory$b/state || exit 1; done && "
+                                              f"sleep {FAULT_SETTLE_SECONDS}"),
+        Step("offline", sh=f"for b in $({DIMM_BLOCKS}); do echo offline > {MEM}/memory$b/state "
+                           f"|| exit 1; done"),
+        Step("widen-movable", timeout=60, sh=_fault(
+            f"widen-movable $(printf %x $((({{dimm_addr}} + {DIMM_SIZE}) / 4096)))")),
+        Step("device-del", qmp=("device_del", {"id": "dimm0"}),
+             until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
+        Step("settle", sh=f"sleep {FAULT_SETTLE_SECONDS}", timeout=60),
+    ], alone=True),
     Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "
                          "then the kernel's own tools/testing/selftests/memory-hotplug/"
                          "mem-on-off-test.sh (from Debian's linux-source)", [
@@ -216,6 +261,8 @@ def run_scenario(guest, scenario, say=None):
     records = []
     series = ".".join(guest.release.split(".")[:2])
     saved = {"results": guest.results, "selftests": os.path.join(kernels.CACHE, "selftests", series)}
+    if any("{faults_module}" in (step.sh or "") for step in scenario.steps):
+        saved["faults_module"] = kernels.faults_module(guest.release)
     _record(guest, {"scenario": scenario.name, "index": 0, "step": "start",
                     "capture": f"captures/{scenario.name}/00-start",
                     "capture_ns": guest.capture(f"{scenario.name}/00-start")})

@@ -76,7 +76,7 @@ class Model:
         self.judged = None         # the last judged Snapshot
         self.baseline_end = None   # ts_ns of the first snapshot: events before it are its past
         self.baseline_edges = {}   # (node, zone) -> (start, end) in the first judged snapshot
-        self.removed = RangeSet()  # pfns of memory blocks once judged present, since gone
+        self.removed = RangeSet()  # pfns of System RAM removed (events; blocks judged, then gone)
         self.was_online = {}       # (node, zone) -> indexes of blocks seen online in it
         self.blocks_at_start = None  # indexes of the first judged snapshot's blocks still there
         self.removals = {}         # first pfn of a removed System RAM range -> its event
@@ -205,15 +205,16 @@ class Model:
         previous, self.previous = self.previous, content
         why = self._unsettled(snap, rec, content, previous)
         r1 = rec["ts_ns"]
+        # the model's state is of this read only if no call came after it (a held snapshot)
+        moved = any(ts >= r1 for ts, _ in self.calls)
+        # what ended before this read cannot touch the reads after it
+        self.calls = [(ts, end) for ts, end in self.calls if end >= r1]
+        self.uevent_times = [ts for ts in self.uevent_times if ts >= r1 - SETTLE_NS]
         if why:
             self.snapshots["unsettled"] += 1
             self.last_unsettled = why
             return []
         self.snapshots["judged"] += 1
-        # the model's state is of this read only if no call came after it (a held snapshot)
-        moved = any(ts >= r1 for ts, _ in self.calls)
-        self.calls = [(ts, end) for ts, end in self.calls if end >= r1]
-        self.uevent_times = [ts for ts in self.uevent_times if ts >= r1 - SETTLE_NS]
         self._remember_removed(snap)
         if self.blocks_at_start is None:
             self.blocks_at_start = {b.index for b in snap.blocks.blocks}
@@ -221,9 +222,11 @@ class Model:
             if b.zone:
                 self.was_online.setdefault((b.node, b.zone), set()).add(b.index)
         found = judge_views(snap, r1, self._was_online) + self._removed_rules(snap, r1)
-        if not moved:   # else the events have taken the model past this read: it waits
+        if not moved:
             found += self._pagemap_rules(snap, r1) + self._drift(snap, r1)
             self._rebase(snap)
+        else:   # the events have taken the model past this read: those rules keep their word
+            found += [a for a in self.active.values() if a.kind in ("pagemap_leak", "model_drift")]
         self.judged = snap
         new = [a for a in found if self._key(a) not in self.active]
         self.active = {self._key(a): a for a in found}
@@ -424,6 +427,8 @@ class Model:
         self.present.add(lo, hi)
         self.gone.remove(lo, hi)
         device = bool(e.get("zone_device") or e.get("pgmap"))
+        if not device:
+            self.removed.remove(lo, hi)
         if self.expected is not None and not device:
             for i in range(lo // self.per_block, (hi - 1) // self.per_block + 1):
                 self.expected.setdefault(i, ("offline", None))
@@ -468,6 +473,8 @@ class Model:
         self.present.remove(lo, hi)
         self.gone.add(lo, hi)
         if not (e.get("pgmap") or self._device_over(lo, hi)):
+            # System RAM gone: a resource or a zone edge still on it is judged at the next read
+            self.removed.add(lo, hi)
             self.removals[lo] = e
             if self.expected is not None:
                 for i in range(lo // self.per_block, (hi - 1) // self.per_block + 1):

@@ -268,6 +268,11 @@ class Probes:
         """Every call numbered below it has been put out by poll (event, begun or skipped)."""
         return self.order.next_seq
 
+    def release_to(self, upto):
+        """Records for the calls numbered below `upto`, a call still running as `begun`, now
+        rather than after the call order's wait (a read of the views waits for them)."""
+        return [self.pairing.feed(r) for r in self.order.release_to(upto)]
+
     def poll(self, timeout_ms=200):
         """Records now in call order (decoded trace events, and `begun`/`skipped` where a call
         held the order up), and the count of newly lost events."""

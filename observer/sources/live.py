@@ -3,7 +3,8 @@ BPF mode, the probes' events, as one stream of trace records in the order the mo
 
 The views may be read in another thread (a read can hang on sysfs); a snapshot record is put
 out only after every probed call that entered before its read ended (so the model sees what
-ran during the read before it sees the read), or after WAIT_SECONDS without, marked unknown."""
+ran during the read before it sees the read: a call still running is put out as `begun`), or
+after WAIT_SECONDS without, marked unknown."""
 
 import os
 import queue
@@ -52,36 +53,50 @@ class LiveSource:
         return snap
 
     def poll(self, timeout=0.2):
-        """The records now in order: events (and begun/skipped/lost), uevents, snapshots."""
-        out = []
+        """The records now, in order: events (and begun/skipped/lost) and uevents, each
+        snapshot placed after the calls begun before its read ended and before those after."""
+        calls = []
         if self.probes:
-            records, lost = self.probes.poll(int(timeout * 1000))
-            out += records
-            if lost:
-                self.lost += lost
-                out.append({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
+            calls = self._probe_records(*self.probes.poll(int(timeout * 1000)))
             timeout = 0
         if self.uevents:
-            out += self.uevents.poll(timeout)
-        elif timeout:
-            time.sleep(timeout)
-        return out + self._snapshots(final=False)
+            uevents = self.uevents.poll(timeout)
+        else:
+            uevents = []
+            if timeout:
+                time.sleep(timeout)
+        return self._in_order(calls, uevents, final=False)
 
-    def _snapshots(self, final):
+    def _probe_records(self, records, lost):
+        if lost:
+            self.lost += lost
+            records = records + [{"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost}]
+        return records
+
+    def _in_order(self, calls, uevents, final):
+        """Put out the snapshots whose calls are all in: each after the calls numbered below its
+        calls_before and the uevents of its read; what remains follows."""
         out = []
         while True:
             if self._waiting is None:
                 try:
                     self._waiting = self._read.get_nowait()
                 except queue.Empty:
-                    return out
-            snap, began, ended, calls, read_at = self._waiting
-            if self.probes and self.probes.released_below() < calls:
+                    break
+            snap, began, ended, before, read_at = self._waiting
+            if self.probes and self.probes.released_below() < before:
+                calls += self.probes.release_to(before)   # a call still running: `begun` now
+            if self.probes and self.probes.released_below() < before:
                 if not final and time.monotonic() - read_at < WAIT_SECONDS:
-                    return out
-                calls = None   # the model holds the snapshot until the trace is past it
-            out.append(formats.snapshot_record(snap, began, ended, calls))
+                    break
+                before = None   # the model holds the snapshot until the trace is past it
+            split = len(calls) if before is None else next(
+                (i for i, r in enumerate(calls) if r.get("seq", -1) >= before), len(calls))
+            out += calls[:split] + [u for u in uevents if u["ts_ns"] <= ended]
+            calls, uevents = calls[split:], [u for u in uevents if u["ts_ns"] > ended]
+            out.append(formats.snapshot_record(snap, began, ended, before))
             self._waiting = None
+        return out + calls + uevents
 
     def drain(self):
         """At the end: every record still held."""
@@ -91,12 +106,11 @@ class LiveSource:
             while self._waiting_for_calls() and time.monotonic() < deadline:
                 out += self.poll(0.1)
             records, lost = self.probes.poll(0)
-            out += records + self.probes.drain()
-            if lost:
-                out.append({"type": "lost", "ts_ns": time.monotonic_ns(), "count": lost})
-        if self.uevents:
-            out += self.uevents.poll(0)
-        return out + self._snapshots(final=True)
+            calls = self._probe_records(records + self.probes.drain(), lost)
+        else:
+            calls = []
+        uevents = self.uevents.poll(0) if self.uevents else []
+        return out + self._in_order(calls, uevents, final=True)
 
     def _waiting_for_calls(self):
         return self._waiting is not None or not self._read.empty()
