@@ -18,6 +18,7 @@ EPILOG = """examples:
   memhp-observer run --listen 127.0.0.1:9477  the daemon; curl -s localhost:9477/metrics
   memhp-observer record -o t.jsonl           a trace of hotplug calls and views (Ctrl-C ends it)
   memhp-observer replay t.jsonl              what the reference model finds in a trace
+  memhp-observer map -o map.png --trace t.jsonl   the address space, leaks marked
   memhp-observer lab --scenario kmem         boot a 6.1 guest, run the kmem scenario
   memhp-observer capture -o /tmp/views       copy this host's views into a fixture tree
 """
@@ -219,6 +220,50 @@ def cmd_replay(args):
     return 1 if critical else 0
 
 
+def cmd_map(args):
+    import os as _os
+    import time
+    from . import snapshot
+    from .model.invariants import judge_views
+    suffix = _os.path.splitext(args.output)[1].lower()
+    if suffix not in (".png", ".svg"):
+        print(f"memhp-observer map: {args.output}: the picture is .png or .svg", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        from . import mapdraw
+        import matplotlib  # noqa: F401  (said plainly when it is missing)
+    except ImportError:
+        print("memhp-observer map: matplotlib is not importable: run scripts/setup.sh",
+              file=sys.stderr)
+        return 1
+    if args.trace:
+        from .pipeline import replay
+        from .trace import TraceError
+        try:
+            anomalies, model = replay(args.trace)
+        except TraceError as e:
+            print(f"memhp-observer map: {e}", file=sys.stderr)
+            return EXIT_UNREADABLE
+        if model.judged is None:
+            print(f"memhp-observer map: {args.trace}: no settled snapshot to draw",
+                  file=sys.stderr)
+            return EXIT_UNREADABLE
+        snap, pagemaps = model.judged, list(model.pagemaps.values())
+        title = (f"{_os.path.basename(args.trace)}: the last settled read, every anomaly the "
+                 f"trace made known")
+    else:
+        snap = snapshot.take(args.root)
+        anomalies, pagemaps, title = judge_views(snap, time.time_ns()), [], None
+    try:
+        mapdraw.draw(args.output, snap, anomalies, pagemaps, title)
+    except OSError as e:
+        print(f"memhp-observer map: {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(f"drew {len(anomalies)} anomalies over {len(snap.zones)} zones and "
+          f"{len(snap.blocks.blocks)} memory blocks into {args.output}")
+    return 0
+
+
 def cmd_capture(args):
     from .capture import CaptureError, capture
     try:
@@ -289,6 +334,15 @@ def build_parser():
     rp.add_argument("trace", metavar="FILE")
     rp.add_argument("--json", action="store_true", help="anomaly records as one JSON document")
     rp.set_defaults(func=cmd_replay)
+
+    mp = sub.add_parser("map", help="draw the physical address space (zones, blocks, resources, "
+                                    "pagemaps, anomalies) into a .png or .svg")
+    mp.add_argument("-o", "--output", required=True, metavar="FILE.png|FILE.svg")
+    src = mp.add_mutually_exclusive_group()
+    src.add_argument("--root", default="/", help="the views under this directory (default /)")
+    src.add_argument("--trace", metavar="FILE", help="a trace: its last settled read, its "
+                                                     "pagemaps and every anomaly it made known")
+    mp.set_defaults(func=cmd_map)
 
     lab = sub.add_parser("lab", help="boot a Debian kernel under QEMU/TCG and drive hotplug "
                                      "scenarios in it, capturing the views around every step")

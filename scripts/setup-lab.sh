@@ -28,7 +28,8 @@ if [ "$free_mb" -lt "$min_free_mb" ]; then
 fi
 
 missing=()
-for p in qemu-system-x86 busybox-static ndctl daxctl kmod bc; do installed "$p" || missing+=("$p"); done
+# make and gcc-12: the lab's fault module is built here against 6.1's headers (they name gcc-12)
+for p in qemu-system-x86 busybox-static ndctl daxctl kmod bc make gcc-12; do installed "$p" || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   apt_fresh "$host_apt_stamp"

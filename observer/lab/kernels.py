@@ -75,15 +75,10 @@ def faults_module(release, cache=CACHE):
             wanted = int(re.search(r"CONFIG_GCC_VERSION (\d+)", f.read()).group(1)) // 10000
     except (OSError, AttributeError):
         raise LabSetupError(f"no headers for {release} at {build}: run scripts/setup-lab.sh") from None
-    try:
-        have = int(subprocess.run(["gcc", "-dumpversion"], capture_output=True, text=True,
-                                  timeout=30).stdout.split(".")[0])
-    except (OSError, ValueError):
-        have = None
-    if have != wanted:
-        raise LabSetupError(f"{release}'s headers were made with gcc-{wanted}, this machine has "
-                            f"{f'gcc-{have}' if have else 'no gcc'}: the fault module cannot be "
-                            f"built for it here")
+    # Debian's headers name their compiler by version (gcc-12, x86_64-linux-gnu-gcc-14)
+    if not (shutil.which(f"gcc-{wanted}") or shutil.which(f"x86_64-linux-gnu-gcc-{wanted}")):
+        raise LabSetupError(f"{release}'s headers were made with gcc-{wanted}, which this "
+                            f"machine does not have: the fault module cannot be built for it here")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     work = tempfile.mkdtemp(dir=os.path.dirname(out))
     for s in sources:
