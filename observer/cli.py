@@ -221,11 +221,10 @@ def cmd_replay(args):
 
 
 def cmd_map(args):
-    import os as _os
     import time
     from . import snapshot
     from .model.invariants import judge_views
-    suffix = _os.path.splitext(args.output)[1].lower()
+    suffix = os.path.splitext(args.output)[1].lower()
     if suffix not in (".png", ".svg"):
         print(f"memhp-observer map: {args.output}: the picture is .png or .svg", file=sys.stderr)
         return EXIT_UNREADABLE
@@ -249,7 +248,7 @@ def cmd_map(args):
                   file=sys.stderr)
             return EXIT_UNREADABLE
         snap, pagemaps = model.judged, list(model.pagemaps.values())
-        title = (f"{_os.path.basename(args.trace)}: the last settled read, every anomaly the "
+        title = (f"{os.path.basename(args.trace)}: the last settled read, every anomaly the "
                  f"trace made known")
     else:
         snap = snapshot.take(args.root)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from .snapshot import Snapshot
 from .views import iomem, memory_blocks
+from .views.zoneinfo import Zone
 
 
 MAX_BLOCKS = 1 << 24   # memory blocks in one snapshot: 2 PiB of 128 MiB blocks
@@ -99,7 +100,6 @@ def snapshot_from_record(rec, header) -> Snapshot:
     trace's header. Offline blocks come back without the zones they could go to (the record
     keeps only an online block's zone); traces written before the record kept the whole iomem
     tree give back the hotplug resources, flat."""
-    from .views.zoneinfo import Zone
     try:
         page_size, block_size = _int(header, "page_size"), _int(header, "block_size")
         if not page_size or not block_size or block_size % page_size:

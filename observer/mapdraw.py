@@ -8,6 +8,7 @@ width that grows with the log of its size: a 128 MiB block stays visible next to
 every edge is labelled with its address."""
 
 import math
+from bisect import bisect_right
 
 from .formats import block_ranges, hotplug_resources
 
@@ -32,7 +33,6 @@ class Axis:
             self.xs.append(self.xs[-1] + 1 + math.log2(max(1.0, (hi - lo) / (1 << 20))))
 
     def x(self, address):
-        from bisect import bisect_right
         i = min(max(bisect_right(self.edges, address) - 1, 0), len(self.edges) - 2)
         lo, hi = self.edges[i], self.edges[i + 1]
         return self.xs[i] + (self.xs[i + 1] - self.xs[i]) * (address - lo) / (hi - lo)

@@ -415,7 +415,7 @@ class Model:
 
     def _device_private_over(self, lo, hi):
         for ptr, pgmap in self.pagemaps.items():
-            if pgmap["type"] == "private" or pgmap["type"] == "device_private":
+            if pgmap["type"] == "private":   # MEMORY_DEVICE_PRIVATE, as decode names it
                 if any(a < hi and lo < b for a, b in pgmap["ranges"]):
                     return ptr
         return None
