@@ -103,6 +103,20 @@ static __always_inline void read_res(struct event *e, u64 ptr) {
     bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), (void *)name);
 }
 
+// Where the kernel keeps vmemmap's base (randomized per boot), from kallsyms; 0 when unknown.
+#define VMEMMAP_BASE_SYM @VMEMMAP_BASE@
+
+// The page an annotation names: its address, the vmemmap base (Python makes the pfn of the two),
+// its flags and refcount, and the kernel's reason, as dump_page() would print them.
+static __always_inline void read_blocker(struct event *e, u64 page, u64 reason) {
+    e->blocker_page = plain(page);
+    if (VMEMMAP_BASE_SYM)
+        read_at(&e->blocker_vmemmap, sizeof(e->blocker_vmemmap), VMEMMAP_BASE_SYM, 0);
+    read_at(&e->blocker_flags, sizeof(e->blocker_flags), page, OFF(page, flags));
+    read_at(&e->blocker_refcount, sizeof(e->blocker_refcount), page, OFF(page, _refcount));
+    bpf_probe_read_kernel_str(&e->blocker_reason, sizeof(e->blocker_reason), (void *)plain(reason));
+}
+
 static __always_inline void read_params(struct event *e, u64 ptr) {
 @PARAMS_PGMAP@
 }

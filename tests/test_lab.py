@@ -427,7 +427,8 @@ def test_fentry_sees_the_same_calls_as_kprobes(lab):
         events = sorted((e for e in trace(results, name) if e["type"] == "event"),
                         key=lambda e: e["seq"])
         return [(e["fn"], e.get("start_pfn"), e.get("nr_pages"), e["ret"], e["origin"], e["caller"],
-                 e["comm"], e.get("zone"), e.get("span_after"), e.get("pgmap"), e.get("resource"))
+                 e["comm"], e.get("zone"), e.get("span_after"), e.get("pgmap"), e.get("resource"),
+                 e.get("blocked_by"))
                 for e in events]
     kprobes, fentry = calls_seen("trace.jsonl"), calls_seen("trace-kfunc.jsonl")
     assert len(kprobes) > 100 and fentry == kprobes
@@ -687,6 +688,38 @@ def test_injected_offline_and_online_failures_are_in_the_trace(lab):
         # (-EBUSY: an unmovable page) while the step looked for one that would
         assert failed[-1] == (block * size_pages, -12)
         assert all(ret == -16 and pfn != block * size_pages for pfn, ret in failed[:-1])
+
+
+def test_an_offline_refused_names_the_page_that_blocked_it(lab):
+    """The offline users of daxctl see as "Device or resource busy": the trace's offline_pages
+    carries the page dump_page named (pfn, flags, refcount, reason), the same as the kernel's
+    own dump_page lines in dmesg, and the BPF daemon and `replay` say it in operation_failed."""
+    results, _ = lab
+    done = steps(results, "selftest")["offline-busy"]
+    block = int(done["saved"]["busy_block"])
+    per_block = view(results, "selftest", "start").blocks.block_size // PAGE
+    refused = [e for e in calls(events_in(results, "selftest", "offline-busy"), "offline_pages")
+               if e["ret"] == -16]
+    assert refused[-1]["start_pfn"] == block * per_block
+    page = refused[-1]["blocked_by"]
+    # the kernel's own words: "page:... pfn:0x..", "flags: 0x..(reserved|node=0|zone=3..)",
+    # "page dumped because: unmovable page"
+    printed = done["out"]
+    pfn = int(re.findall(r"pfn:(0x[0-9a-f]+)", printed)[-1], 16)
+    word, names = re.findall(r"flags: (0x[0-9a-f]+)\(([^)]*)\)", printed)[-1]
+    reason = re.findall(r"page dumped because: (.*)", printed)[-1].strip()
+    assert block * per_block <= pfn < (block + 1) * per_block
+    assert (page["pfn"], page["flags_word"], page["reason"]) == (pfn, word, reason)
+    assert set(page["flags"]) == {n for n in names.split("|") if "=" not in n}
+    assert "reserved" in page["flags"] and page["refcount"] >= 0
+    said = f"the kernel named pfn {pfn:#x} ('{reason}'"
+    log_name, record, _ = session.daemon_files("bpf")
+    with open(os.path.join(results, log_name)) as f:
+        assert [line for line in f if "operation_failed" in line and said in line]
+    for path in (record, session.TRACE, session.KFUNC_TRACE):
+        found, _ = replay(os.path.join(results, path))
+        assert [a for a in found if a.kind == "operation_failed" and said in a.message
+                and a.start_pfn == block * per_block], path
 
 
 def test_daemon_counted_what_the_recorder_saw(lab):

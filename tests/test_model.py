@@ -148,6 +148,27 @@ def test_a_pagemap_whose_owner_went_is_a_leak():
     assert (a.start_pfn, a.end_pfn, a.severity) == (lo // 4096, (hi + 1) // 4096, CRITICAL)
 
 
+def test_an_offline_refused_says_the_page_the_kernel_named():
+    """lab-6.1-busy: a 6.1 guest's selftest scenario, whose offline-busy step printed the
+    kernel's dump_page lines. The operation_failed of the refused offline names that pfn and
+    reason; without the annotation it says the kernel named no page."""
+    import re
+    lab = os.path.join(FIXTURES, "lab-6.1-busy")
+    [busy] = [r for r in load(os.path.join(lab, "steps.jsonl")) if r["step"] == "offline-busy"]
+    pfn = int(re.findall(r"pfn:(0x[0-9a-f]+)", busy["out"])[-1], 16)
+    reason = re.findall(r"page dumped because: (.*)", busy["out"])[-1].strip()
+    records = copy.deepcopy(load(os.path.join(lab, "trace.jsonl")))
+    found, _ = judge(records)
+    [a] = [a for a in found if a.kind == "operation_failed" and "-EBUSY" in a.message]
+    assert f"the kernel named pfn {pfn:#x} ('{reason}'; flags reserved;" in a.message
+    assert a.start_pfn <= pfn < a.end_pfn and a.severity == "info"
+    [refused] = [r for r in records if r.get("fn") == "offline_pages" and r["ret"] == -16]
+    del refused["blocked_by"]
+    found, _ = judge(records)
+    [a] = [a for a in found if a.kind == "operation_failed" and "-EBUSY" in a.message]
+    assert "the kernel named no page" in a.message
+
+
 # --- procfs-mode traces written from lab captures ---------------------------------------------
 
 def procfs_trace(path, roots):
@@ -265,45 +286,50 @@ def test_range_set_holds_what_a_set_of_pfns_holds(steps, lo, n):
 
 # --- bad traces: every field of real records made wrong ------------------------------------------
 
-def mutations():
-    """(record index, field, bad value) over one record of each kind and function of a lab
-    trace: each field deleted, null, a string, negative, huge, a list."""
-    records = load(os.path.join(FIXTURES, "lab-6.1", "trace.jsonl"))
+def mutations(records):
+    """(record index, field path, bad value) over one record of each kind and function of a lab
+    trace (a refused offline's blocked_by one kind more, its own fields too): each field
+    deleted, null, a string, negative, huge, a list, a dict."""
     picked, seen = [], set()
     for i, r in enumerate(records):
-        kind = (r["type"], r.get("fn"))
+        kind = (r["type"], r.get("fn"), "blocked_by" in r)
         if kind not in seen and r["type"] != "header":
             seen.add(kind)
             picked.append(i)
     for i in picked:
-        for field in records[i]:
-            if field == "type":
-                continue
+        paths = [(f,) for f in records[i] if f != "type"]
+        paths += [("blocked_by", f) for f in records[i].get("blocked_by") or {}]
+        for path in paths:
             for bad in (DELETE, None, "x", -1, 1 << 70, [], {}):
-                yield i, field, bad
+                yield i, path, bad
 
 
 DELETE = object()
 
 
-def test_a_trace_with_any_field_made_wrong_is_replayed_or_refused_by_line(tmp_path):
+@pytest.mark.parametrize("lab", ("lab-6.1", "lab-6.1-busy"))
+def test_a_trace_with_any_field_made_wrong_is_replayed_or_refused_by_line(lab, tmp_path):
     """Never a traceback, a hang or a silent wrong answer: each wrong field is judged through
     (it changed nothing the model reads) or refused with its line."""
     from observer.trace import TraceError
-    records = load(os.path.join(FIXTURES, "lab-6.1", "trace.jsonl"))
+    records = load(os.path.join(FIXTURES, lab, "trace.jsonl"))
     path = tmp_path / "t.jsonl"
     outcomes = {"judged": 0, "refused": 0}
-    for i, field, bad in mutations():
+    for i, fields, bad in mutations(records):
         mutated = copy.deepcopy(records)
+        *parents, field = fields
+        holder = mutated[i]
+        for parent in parents:
+            holder = holder[parent]
         if bad is DELETE:
-            del mutated[i][field]
+            del holder[field]
         else:
-            mutated[i][field] = bad
+            holder[field] = bad
         path.write_text("".join(json.dumps(r) + "\n" for r in mutated))
         try:
             replay(str(path))
             outcomes["judged"] += 1
         except TraceError as e:
-            assert e.line == i + 1 or e.line == len(records), (field, bad, str(e))
+            assert e.line == i + 1 or e.line == len(records), (fields, bad, str(e))
             outcomes["refused"] += 1
     assert outcomes["refused"] > 100 and outcomes["judged"] > 100, outcomes

@@ -229,6 +229,17 @@ SCENARIOS = {s.name: s for s in [
     Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "
                          "then the kernel's own tools/testing/selftests/memory-hotplug/"
                          "mem-on-off-test.sh (from Debian's linux-source)", [
+        # an offline refused as users of daxctl see it ("Device or resource busy"): boot
+        # Movable's blocks from the top down until one holds a page that will not isolate
+        # (memblock allocates top-down; its pages are reserved, unmovable even in Movable). One
+        # that goes offline is onlined again. The kernel's own dump_page lines are printed.
+        Step("offline-busy", save="busy_block", timeout=300, sh=(
+            f"for b in $({MOVABLE_BLOCKS} | sort -rn); do "
+            f"if err=$({{ echo offline > {MEM}/memory$b/state; }} 2>&1); then "
+            f"echo online_movable > {MEM}/memory$b/state || exit 1; "
+            f"elif echo \"$err\" | grep -q 'busy'; then "
+            f"dmesg | grep -A4 'pfn:' | tail -5; echo $b; exit 0; fi; done; "
+            f"echo 'every Movable block went offline' >&2; exit 1")),
         # the selftest's own injection phase picks 2% of the blocks at random and may make no
         # hotplug call at all: these two steps fail one offline and one online for certain
         Step("offline-fails", save="offline_failed", sh=(

@@ -63,6 +63,22 @@ def _say(event):
             f"{event['ret']} ({event['comm']}, {event['origin']}, from {event['caller']})")
 
 
+def _blocked(page):
+    """(the cause in words, the evidence line) of an offline's `blocked_by`, or (None, None)."""
+    if page is None:
+        return None, None
+    if not (isinstance(page, dict) and isinstance(page.get("reason"), str)
+            and isinstance(page.get("flags"), list) and all(isinstance(f, str) for f in page["flags"])
+            and isinstance(page.get("refcount"), int) and isinstance(page.get("pages_named"), int)
+            and (page.get("pfn") is None or isinstance(page["pfn"], int))):
+        raise RecordError(f"blocked_by {page!r} is not a page as dump_page names it")
+    which = f"pfn {page['pfn']:#x}" if page["pfn"] is not None else f"the page at {page.get('page')}"
+    more = f"; {page['pages_named'] - 1} more named after it" if page["pages_named"] > 1 else ""
+    cause = (f"the kernel named {which} ('{page['reason']}'; flags "
+             f"{'|'.join(page['flags']) or 'none'}; refcount {page['refcount']}{more})")
+    return cause, f"dump_page during the call: {page}"
+
+
 def _span(span):
     return span["start_pfn"], span["start_pfn"] + span["spanned"]
 
@@ -143,6 +159,8 @@ class Model:
         # what the events must say for the model to know every block's state
         self.follows_blocks = bool(self.adds_at) and {"online_pages", "offline_pages",
                                                       "__remove_pages"} <= attached
+        # an offline refused over a page names it through dump_page (an annotation of the call)
+        self.pages_named = "dump_page" in attached
         # the span shrinks at offline since 5.5, the release that added remove_pfn_range_from_zone
         lacks = probes.get("remove_pfn_range_from_zone", {}).get("reason", "")
         self.shrinks_at_offline = not lacks.startswith("not in BTF")
@@ -398,6 +416,15 @@ class Model:
                        f"'System RAM (kmem)' included, pinned until the next reboot, on purpose")
         else:
             message = f"{e['fn']} failed with {ret} ({e['origin']}, {e['comm']})"
+        evidence = [_say(e)]
+        if e["fn"] == "offline_pages":
+            cause, named = _blocked(e.get("blocked_by"))
+            if cause:
+                message += f": {cause}"
+                evidence.append(named)
+            elif self.pages_named and e["ret"] == -errno.EBUSY:
+                message += (": the kernel named no page (a memory notifier refused, a pageblock "
+                            "was isolated already, or a huge page could not migrate)")
         lo_hi = _pfns(e) if e.get("start_pfn") is not None and e.get("nr_pages") else (None, None)
         # a failed online or offline leaves the block as it was: said, not alerted
         severity = INFO if e["fn"] in ("online_pages", "offline_pages", "try_remove_memory") else ""
@@ -411,7 +438,7 @@ class Model:
                            evidence=[_say(e), _say(self.pagemaps[conflict]["event"])])
         return Anomaly("operation_failed", ts_ns=e["ts_ns"], node=e.get("nid"),
                        zone=e.get("zone"), start_pfn=lo_hi[0], end_pfn=lo_hi[1],
-                       message=message, evidence=[_say(e)], severity=severity)
+                       message=message, evidence=evidence, severity=severity)
 
     def _device_private_over(self, lo, hi):
         for ptr, pgmap in self.pagemaps.items():

@@ -115,4 +115,20 @@ def decode(ev, shape, layouts, page_size, frames):
         if ev.res_end:
             res.update(start=ev.res_start, end=ev.res_end, flags=ev.res_flags, desc=ev.res_desc)
         out["resource"] = res
+    if ev.blockers:
+        out["blocked_by"] = blocker(ev, layouts)
     return out
+
+
+def blocker(ev, layouts):
+    """The page an annotation (dump_page) named during the call, as the kernel would print it:
+    pfn, flags by name, refcount, and the kernel's reason ("unmovable page")."""
+    size = layouts.sizes["page"]
+    offset = ev.blocker_page - ev.blocker_vmemmap
+    pfn = offset // size if ev.blocker_vmemmap and 0 <= offset and offset % size == 0 else None
+    return {"pfn": pfn, "page": f"{ev.blocker_page:#x}",
+            "flags": [name for bit, name in sorted(layouts.page_flags.items())
+                      if ev.blocker_flags & (1 << bit)],
+            "flags_word": f"{ev.blocker_flags:#x}",   # section, node and zone bits too
+            "refcount": ev.blocker_refcount, "reason": ev.blocker_reason.decode(errors="replace"),
+            "pages_named": ev.blockers}

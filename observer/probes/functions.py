@@ -19,4 +19,10 @@ DEVICE_PRIVATE = ("add_pages", "request_free_mem_region", "devm_request_free_mem
 # -EEXIST), any region request that failed (__request_region, failures only).
 RESOURCES = ("register_memory_resource", "__request_region")
 
-ALL = CORE + COMPANIONS + DEVICE_PRIVATE + RESOURCES
+# Calls that annotate a watched call in flight on the same thread instead of being calls of their
+# own (an entry probe, no number in the call order). An offline refused because a page would not
+# isolate or migrate names that page only through dump_page(page, reason): "unmovable page" from
+# set_migratetype_isolate, "migration failure" from do_migrate_range (kernel-reference.md §5).
+ANNOTATIONS = {"dump_page": "offline_pages"}
+
+ALL = CORE + COMPANIONS + DEVICE_PRIVATE + RESOURCES + tuple(ANNOTATIONS)

@@ -20,7 +20,7 @@ from . import program
 from .availability import has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
 from .decode import decode
-from .functions import ALL, CORE
+from .functions import ALL, ANNOTATIONS, CORE
 from .ksyms import Ksyms
 from .order import CallOrder
 from .pairing import Pairing
@@ -53,6 +53,17 @@ def kallsyms_names(path="/proc/kallsyms"):
             if len(parts) >= 3 and parts[1] in "tTwW":
                 names.add(parts[2])
     return names
+
+
+def kallsyms_address(name, path="/proc/kallsyms"):
+    """The address of a kernel symbol of any kind (a variable too), or 0 when kallsyms lacks it
+    or hides addresses."""
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == name:
+                return int(parts[0], 16)
+    return 0
 
 
 def _clones(function, names):
@@ -137,6 +148,8 @@ class Probes:
                              "their arguments may differ from the prototype")
             elif symbol is None:
                 st.reason = "not in kallsyms (inlined)"
+            elif fn in ANNOTATIONS and ANNOTATIONS[fn] not in self.shapes:
+                st.reason = f"it annotates {ANNOTATIONS[fn]}, which is not observed"
             else:
                 self.shapes[fn] = shape
             if st.reason:
@@ -150,8 +163,13 @@ class Probes:
             self.plan()
         method = method or next((st.method for st in self.status.values() if st.method != "none"),
                                 "kprobe")
-        indexed = {self.functions.index(fn): s for fn, s in self.shapes.items()}
-        return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method)
+        index = self.functions.index
+        indexed = {index(fn): s for fn, s in self.shapes.items()}
+        annotations = {index(fn): index(ANNOTATIONS[fn]) for fn in self.shapes if fn in ANNOTATIONS}
+        # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
+        return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
+                             annotations=annotations,
+                             vmemmap_base=kallsyms_address("vmemmap_base", self.kallsyms))
 
     def start(self):
         """Compile and attach. Returns the status table."""
@@ -185,7 +203,8 @@ class Probes:
             i, st = self.functions.index(fn), self.status[fn]
             try:
                 self.bpf.attach_kprobe(event=st.symbol, fn_name=f"enter_{i}")
-                self.bpf.attach_kretprobe(event=st.symbol, fn_name=f"leave_{i}")
+                if fn not in ANNOTATIONS:   # an annotation has an entry probe only
+                    self.bpf.attach_kretprobe(event=st.symbol, fn_name=f"leave_{i}")
                 st.attached = True
             except Exception as e:   # bcc raises a bare Exception naming the function
                 st.reason = str(e).strip().splitlines()[-1]
@@ -216,7 +235,8 @@ class Probes:
             try:
                 with _stderr_kept_quiet():   # libbpf prints the refusal itself; said once below
                     self.bpf.attach_kfunc(fn_name=fn.encode())
-                    self.bpf.attach_kretfunc(fn_name=fn.encode())
+                    if fn not in ANNOTATIONS:
+                        self.bpf.attach_kretfunc(fn_name=fn.encode())
                 st.attached = True
             except Exception as e:
                 for detach in (self.bpf.detach_kfunc, self.bpf.detach_kretfunc):

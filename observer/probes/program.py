@@ -26,11 +26,17 @@ FIELDS = (
     ("present_before", "u64"), ("present_after", "u64"),
     ("pgmap_ptr", "u64"), ("pgmap_ranges", f"u64[{2 * MAX_RANGES}]"),
     ("res_start", "u64"), ("res_end", "u64"), ("res_flags", "u64"), ("res_desc", "u64"),
+    # the page an annotation (dump_page) named during the call: its struct page address, the
+    # vmemmap base then (pfn = distance in struct pages), its flags word
+    ("blocker_page", "u64"), ("blocker_vmemmap", "u64"), ("blocker_flags", "u64"),
     ("fn", "u32"), ("pid", "u32"), ("tid", "u32"), ("nid", "s32"), ("zone_idx", "s32"),
     ("zone_nid", "s32"), ("pgmap_type", "u32"), ("pgmap_nr_range", "s32"), ("zone_device", "s32"),
     ("mhp_flags", "u32"),
     ("left_out", "u32"),   # a call the trace leaves out: emitted so its number is not awaited
+    ("blockers", "u32"),   # pages named during the call (the first is kept)
+    ("blocker_refcount", "s32"),
     ("stack_bytes", "s32"), ("comm", "char[16]"), ("res_name", "char[32]"),
+    ("blocker_reason", "char[32]"),
     ("stack", "u64[32]"),
 )
 _CTYPES = {"u64": ctypes.c_uint64, "s64": ctypes.c_int64, "u32": ctypes.c_uint32,
@@ -133,6 +139,30 @@ def _probe_pair(index, shape, ringbuf, method):
 """
 
 
+def _annotation_probe(index, shape, target, method):
+    """C for an annotation's entry probe: what it names goes into the call `target` (an index)
+    in flight on the same thread; outside such a call it does nothing."""
+    page, reason = shape.role_position("page"), shape.role_position("reason")
+    if method == "kprobe":
+        enter = f"int enter_{index}(struct pt_regs *ctx)"
+        page_arg, reason_arg = f"PT_REGS_PARM{page}(ctx)", f"PT_REGS_PARM{reason}(ctx)"
+    else:
+        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.params)
+        enter = f"KFUNC_PROBE({shape.function}, {args})"
+        page_arg, reason_arg = shape.params[page - 1][0], shape.params[reason - 1][0]
+    return f"""// {shape.describe()}: annotates the call {target} in flight on this thread
+{enter} {{
+    u64 key = ((u64){target} << 32) | (u32)bpf_get_current_pid_tgid();
+    struct event *e = inflight.lookup(&key);
+    if (!e)
+        return 0;
+    if (e->blockers++ == 0)   // the first page named is the one that stopped the call
+        read_blocker(e, (u64){page_arg}, (u64){reason_arg});
+    return 0;
+}}
+"""
+
+
 def _offsets(layouts):
     lines = [f"#define OFF_{struct}_{member} {off}"
              for (struct, member), off in sorted(layouts.offsets.items())]
@@ -165,10 +195,14 @@ _NO_PARAMS_PGMAP = """    // mhp_params has no pgmap before 5.17: unknown here, 
     e->zone_device = -1;"""
 
 
-def build(shapes, layouts, ringbuf=True, method="kprobe", template=None):
+def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotations=None,
+          vmemmap_base=0):
     """C text for the given {index: Shape}; indexes are the `fn` values events carry.
+    annotations: {index: target index} of the shapes that annotate another call (entry probe
+    only). vmemmap_base: the address of the kernel's vmemmap_base variable (0: not known).
     method: "kprobe" (enter_N/leave_N, attached by name) or "kfunc" (fentry/fexit, attached by
     bcc when the program loads)."""
+    annotations = annotations or {}
     with open(template or template_path()) as f:
         text = f.read()
     output = ("BPF_RINGBUF_OUTPUT(events, 64);  // one order for all CPUs" if ringbuf else
@@ -179,7 +213,10 @@ def build(shapes, layouts, ringbuf=True, method="kprobe", template=None):
         "@OUTPUT_DECL@": output,
         "@PGMAP_RANGES@": _PGMAP_RANGES if layouts.pgmap_has_range else _PGMAP_RES,
         "@PARAMS_PGMAP@": _PARAMS_PGMAP if layouts.params_has_pgmap else _NO_PARAMS_PGMAP,
-        "@PROBES@": "\n".join(_probe_pair(i, s, ringbuf, method) for i, s in sorted(shapes.items())),
+        "@VMEMMAP_BASE@": f"{vmemmap_base:#x}ULL",
+        "@PROBES@": "\n".join(_annotation_probe(i, s, annotations[i], method) if i in annotations
+                              else _probe_pair(i, s, ringbuf, method)
+                              for i, s in sorted(shapes.items())),
     }
     for key, value in replacements.items():
         text = text.replace(key, value)

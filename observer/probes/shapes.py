@@ -28,6 +28,8 @@ ROLE_BY_PARAM = {
     ("n", "resource_size_t"): "size",                  # __request_region
     ("size", "long unsigned int"): "size",             # request_free_mem_region and kin
     ("mhp_flags", "mhp_t"): "mhp_flags",
+    ("page", "struct page *"): "page", ("page", "const struct page *"): "page",   # dump_page
+    ("reason", "const char *"): "reason",
 }
 
 # Functions whose successful calls the trace leaves out: __request_region serves every driver's
@@ -91,8 +93,9 @@ FIELDS_READ = {
     "pglist_data": ("node_zones", "node_id"),
     "resource": ("start", "end", "name", "flags", "desc"),
     "range": ("start", "end"),
+    "page": ("flags", "_refcount"),
 }
-SIZES_READ = ("zone", "range")
+SIZES_READ = ("zone", "range", "page")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Layouts:
     params_has_pgmap: bool      # struct mhp_params.pgmap (5.17+)
     memory_types: dict          # value -> MEMORY_DEVICE_* name
     zone_names: dict            # zone index -> zoneinfo's name (Normal, Movable, ...)
+    page_flags: dict            # page->flags bit -> name as dump_page prints it (reserved, lru)
 
 
 # /proc/zoneinfo prints mm/page_alloc.c zone_names[], not the enum's spelling
@@ -133,4 +137,17 @@ def layouts(btf):
     zones = btf.enum_values("zone_type") or {}
     return Layouts(offsets, sizes, "range" in pgmap, "pgmap" in params,
                    {v: k for k, v in types.items()},
-                   {v: _ZONEINFO_NAME.get(k, k) for k, v in zones.items() if k in _ZONEINFO_NAME})
+                   {v: _ZONEINFO_NAME.get(k, k) for k, v in zones.items() if k in _ZONEINFO_NAME},
+                   page_flag_names(btf.enum_values("pageflags") or {}))
+
+
+def page_flag_names(pageflags):
+    """{bit: name} from enum pageflags: the first enumerator of each bit below __NR_PAGEFLAGS
+    (later ones are aliases, PG_checked for PG_owner_priv_1), named as the kernel's %pGp prints
+    it. The bits above hold the page's section, node and zone."""
+    count = pageflags.get("__NR_PAGEFLAGS", 0)
+    names = {}
+    for name, bit in pageflags.items():
+        if name.startswith("PG_") and bit < count:
+            names.setdefault(bit, name.removeprefix("PG_"))
+    return names
