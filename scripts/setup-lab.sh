@@ -6,6 +6,8 @@
 # Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
 # kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
+# For the fault module: make and the kernel's gcc here, or, for a kernel of another suite, a
+# debootstrap'd userland of that suite in the cache with make and the kernel's headers.
 set -euo pipefail
 series=6.1
 if [ "${1:-}" = --series ]; then series=$2; shift 2; fi
@@ -27,14 +29,16 @@ if [ "$free_mb" -lt "$min_free_mb" ]; then
   exit 1
 fi
 
-missing=()
-# make and gcc-12: the lab's fault module is built here against 6.1's headers (they name gcc-12)
-for p in qemu-system-x86 busybox-static ndctl daxctl kmod bc make gcc-12; do installed "$p" || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
+# host_install PACKAGE...: those of them not installed yet, from this machine's own suite
+host_install() {
+  local missing=() p
+  for p in "$@"; do installed "$p" || missing+=("$p"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
   say "installing ${missing[*]}"
   apt_fresh "$host_apt_stamp"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+}
+host_install qemu-system-x86 busybox-static ndctl daxctl kmod bc
 
 # vng runs `virtme-run` by name: the lab puts this venv's bin on PATH.
 if [ ! -x "$cache/vng/bin/vng" ]; then
@@ -134,6 +138,45 @@ if [ ! -e "$selftest/mem-on-off-test.sh" ]; then
   mkdir -p "$(dirname "$selftest")"
   mv "$tmp/linux-source-$series/tools/testing/selftests/memory-hotplug" "$selftest"
   rm -rf "$tmp"
+fi
+
+# The lab's fault module is built with the compiler the kernel's headers were made with
+# (kernels.faults_module). A kernel of this machine's suite gets it here; another suite's kernel
+# gets a userland of its own suite in the cache (debootstrap minbase, then make and the kernel's
+# headers package, which brings that suite's gcc), and the module is built in a chroot of it.
+autoconf=$kdir/usr/src/linux-headers-$release/include/generated/autoconf.h
+gcc_major=$(( $(sed -n 's/^#define CONFIG_GCC_VERSION \([0-9]*\)$/\1/p' "$autoconf") / 10000 ))
+if [ "${VERSION_CODENAME:-}" = "$suite" ]; then
+  host_install make "gcc-$gcc_major"
+else
+  userland=$cache/userland/$suite
+  if [ ! -e "$userland/.complete" ]; then
+    host_install debootstrap
+    mirror=$(awk '$1 == "URIs:" {print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+    say "making a $suite userland in $userland (debootstrap minbase from $mirror; log in $userland.log)"
+    rm -rf "$userland" && mkdir -p "$userland"
+    debootstrap --variant=minbase "$suite" "$userland" "$mirror" > "$userland.log" 2>&1 \
+      || { say "debootstrap of $suite failed: see $userland.log"; exit 1; }
+    touch "$userland/.complete"
+  fi
+  if [ ! -d "$userland/usr/src/linux-headers-$release" ]; then
+    say "installing make and linux-headers-$release (gcc-$gcc_major) into the $suite userland"
+    in_userland() { chroot "$userland" env DEBIAN_FRONTEND=noninteractive "$@"; }
+    # the suites the kernel was found in (its security updates too), not debootstrap's one line
+    cp "$conf/sources.list.d/$suite.sources" "$userland/etc/apt/sources.list.d/"
+    rm -f "$userland/etc/apt/sources.list"
+    # an unstable suite's Release file can be past its Valid-Until in the registry's mirror
+    in_userland apt-get -o Acquire::Check-Valid-Until=false update -qq
+    old_headers=$(in_userland dpkg-query -W -f='${Package}\n' 'linux-headers-*' 2>/dev/null || true)
+    in_userland apt-get install -y -qq --no-install-recommends make "linux-headers-$release" \
+      >> "$userland.log" 2>&1 || { say "installing linux-headers-$release failed: see $userland.log"; exit 1; }
+    # headers of a superseded ABI leave, and the downloaded packages: the cache stays bounded
+    for pkg in $old_headers; do
+      case $pkg in *"${release%-amd64}"-*) ;; *) in_userland apt-get purge -y -qq "$pkg" >> "$userland.log" 2>&1 || true ;; esac
+    done
+    in_userland apt-get autoremove -y -qq >> "$userland.log" 2>&1 || true
+    in_userland apt-get clean
+  fi
 fi
 
 say "kernel $release ready ($(du -sh "$cache" | cut -f1) in $cache)"

@@ -1,11 +1,15 @@
 """The lab's one bounded cache directory (scripts/setup-lab.sh fills it) and the kernels in it.
 
 Layout: CACHE/vng (virtme-ng's venv), CACHE/kernels/RELEASE/{boot,lib,usr} (Debian's image and
-headers packages unpacked with dpkg -x), CACHE/lab.lock. It lives under /opt because virtme-ng
+headers packages unpacked with dpkg -x), CACHE/userland/SUITE (a debootstrap'd userland of a
+suite other than this machine's, for its kernels' compiler), CACHE/modules/RELEASE (the fault
+module built for a kernel), CACHE/selftests/SERIES, CACHE/lab.lock. It lives under /opt because virtme-ng
 mounts tmpfs over /var/cache inside the guest, which would hide the modules there."""
 
+import glob
 import os
 import re
+import subprocess
 
 CACHE = os.environ.get("MEMHP_LAB_CACHE", "/opt/memhp-lab")
 DEFAULT_SERIES = "6.1"
@@ -36,7 +40,7 @@ def find_kernel(release=None, cache=CACHE):
         have = [r for r in have if r.startswith(series + ".")]
         if not have:
             raise LabSetupError(f"no Debian {series} kernel in {cache}/kernels: run "
-                                f"scripts/setup-lab.sh (--suite trixie for 6.12)")
+                                f"scripts/setup-lab.sh (--series {series})")
         release = have[-1]
     elif release not in have:
         raise LabSetupError(f"kernel {release} is not in {cache}/kernels (have: "
@@ -58,11 +62,11 @@ MODULE_SOURCE = os.path.join(os.path.dirname(__file__), "module")
 
 def faults_module(release, cache=CACHE):
     """The lab's fault module (module/memhp_faults.c) built for a kernel, kept in the cache.
-    It is built on this machine against the kernel's own headers, with this machine's
-    compiler: the one the headers were made with, or a clear refusal (a kernel of another
-    suite needs that suite's compiler, from a userland of its own)."""
+    It is built against the kernel's own headers with the compiler they were made with: this
+    machine's, when it has that gcc; else in a chroot of the userland setup-lab.sh made of the
+    kernel's own suite (CACHE/userland/SUITE, holding the kernel's headers package and its
+    gcc); else a clear refusal."""
     import shutil
-    import subprocess
     import tempfile
     out = os.path.join(cache, "modules", release)
     ko = os.path.join(out, "memhp_faults.ko")
@@ -75,21 +79,38 @@ def faults_module(release, cache=CACHE):
             wanted = int(re.search(r"CONFIG_GCC_VERSION (\d+)", f.read()).group(1)) // 10000
     except (OSError, AttributeError):
         raise LabSetupError(f"no headers for {release} at {build}: run scripts/setup-lab.sh") from None
+    headers = f"/usr/src/linux-headers-{release}"
     # Debian's headers name their compiler by version (gcc-12, x86_64-linux-gnu-gcc-14)
-    if not (shutil.which(f"gcc-{wanted}") or shutil.which(f"x86_64-linux-gnu-gcc-{wanted}")):
-        raise LabSetupError(f"{release}'s headers were made with gcc-{wanted}, which this "
-                            f"machine does not have: the fault module cannot be built for it here")
+    if shutil.which(f"gcc-{wanted}") or shutil.which(f"x86_64-linux-gnu-gcc-{wanted}"):
+        userland = None
+    else:
+        userland = next((u for u in sorted(glob.glob(os.path.join(cache, "userland", "*")))
+                         if os.path.isdir(u + headers)), None)
+        if userland is None:
+            raise LabSetupError(f"{release}'s headers were made with gcc-{wanted}, which this "
+                                f"machine does not have, and no userland in {cache}/userland "
+                                f"holds {headers}: run scripts/setup-lab.sh for its series")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    work = tempfile.mkdtemp(dir=os.path.dirname(out))
+    work = tempfile.mkdtemp(dir=os.path.join(userland, "tmp") if userland else os.path.dirname(out))
     for s in sources:
         shutil.copy(s, work)
-    made = subprocess.run(["make", "-C", build, f"M={work}", "modules"], capture_output=True,
-                          text=True, timeout=600)
+    command = (["make", "-C", build, f"M={work}", "modules"] if userland is None else
+               _in_chroot(userland, ["make", "-C", headers,
+                                     f"M=/{os.path.relpath(work, userland)}", "modules"]))
+    made = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if made.returncode != 0:
         shutil.rmtree(work)
         raise LabSetupError(f"building the fault module for {release} failed:\n"
                             f"{(made.stdout + made.stderr)[-2000:]}")
     if os.path.isdir(out):
         shutil.rmtree(out)
-    os.rename(work, out)
+    shutil.move(work, out)
     return ko
+
+
+def _in_chroot(userland, command):
+    """A command run in a chroot of `userland`, in a mount namespace of its own: the /proc and
+    /dev it needs (objtool reads /proc/self/limits) go away with it."""
+    return ["unshare", "--mount", "--propagation", "private", "--fork", "sh", "-c",
+            'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && exec chroot "$0" "$@"',
+            userland, *command]

@@ -141,7 +141,7 @@ def wait_daemon(guest, daemon, timeout=300):
 # symbols and module bounds the stacks were named from, pahole's struct offsets from the guest
 # kernel's BTF, and the program the probes loaded.
 EVIDENCE = {"kallsyms.txt": "cat /proc/kallsyms", "modules.txt": "cat /proc/modules",
-            "pahole.txt": "pahole -C zone,pglist_data,dev_pagemap,resource,range,mhp_params "
+            "pahole.txt": "pahole -C zone,pglist_data,dev_pagemap,resource,range,mhp_params,page "
                           "/sys/kernel/btf/vmlinux 2>/dev/null",
             "program.c": "{exe} probes --ebpf"}
 
