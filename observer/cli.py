@@ -106,7 +106,7 @@ def cmd_run(args):
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
     return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
-                      record=args.record)
+                      record=args.record, journal=args.journal)
 
 
 def cmd_lab(args):
@@ -303,6 +303,10 @@ def build_parser():
     r.add_argument("--record", metavar="FILE",
                    help="also write every record the model is fed into a new trace (v1), "
                         "which `replay` judges the same way")
+    r.add_argument("--journal", metavar="FILE",
+                   help="append every anomaly reported to this JSON Lines journal, fsynced per "
+                        "record, rotated at 16 MiB (FILE.1 .. FILE.4); a restart in the same "
+                        "boot says no open anomaly twice; SIGHUP reopens it")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
 

@@ -8,6 +8,7 @@ shows as memhp_reconcile_running_seconds growing and one log line, and never kee
 stopping the daemon."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -17,6 +18,8 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
 from . import snapshot
+from .journal import Journal, JournalError, boot_id, identity
+from .journald import SOCKET as JOURNALD_SOCKET, Journald
 from .metrics import StateCollector
 from .model.model import SETTLE_NS, Model
 from .report import anomaly_headline
@@ -51,12 +54,17 @@ def _result(event):
 
 
 class Daemon:
-    def __init__(self, root="/", interval=10.0, mode="auto", record=None):
+    def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
         self.record = record       # a trace file of everything the model was fed, or None
+        self.journal_path = journal
+        self.journal = None        # the anomaly journal (--journal), or None
+        self.journald = None       # structured entries where journald listens, or None
+        self.reported = {}         # (kind, severity) -> anomalies this process reported
         self.stop = threading.Event()
+        self.reopen = threading.Event()   # SIGHUP: reopen the journal
         self.current = None
         self.source = None
         self.model = Model()
@@ -108,6 +116,13 @@ class Daemon:
         listener. False when stopped before the first reconcile finished."""
         if self.record:
             self.writer = TraceWriter(self.record)   # a bad path fails before anything loads
+        if self.journal_path:
+            self.journal = Journal(self.journal_path, boot_id())
+            if self.journal.open_ids:
+                log.info("journal %s: %d anomalies open from earlier in this boot: found again, "
+                         "they are the same ones", self.journal_path, len(self.journal.open_ids))
+        if os.path.exists(JOURNALD_SOCKET):
+            self.journald = Journald()
         probes, status = self._attach()
         self.source = LiveSource(self.root, probes, status)
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
@@ -180,6 +195,9 @@ class Daemon:
         next_at = time.monotonic() + min(self.interval, SETTLE_NS * 1.5 / 1e9)
         try:
             while not self.stop.is_set():
+                if self.reopen.is_set():
+                    self.reopen.clear()
+                    self._reopen_journal()
                 wait = max(0.0, min(next_at - time.monotonic(), 0.5))
                 records = self.source.poll(wait)
                 self._take(records)
@@ -196,6 +214,8 @@ class Daemon:
             self.source.close()
             if self.writer:
                 self.writer.close()
+            if self.journal:
+                self.journal.close()
 
     def _take(self, records):
         """Count, record and judge records, in order; the header first, once a read made it."""
@@ -215,18 +235,51 @@ class Daemon:
                 log.error("the model failed on a %s record: %s: %s", rec["type"],
                           type(e).__name__, e)
                 self._update(reconcile_errors=self.current.reconcile_errors + 1)
-        for a in found:
-            log.warning("%s", anomaly_headline(a))
+        self._report(found)
         if records:
             self._update(anomalies=tuple(self.model.active.values()),
-                         anomalies_reported=dict(self.model.reported),
+                         anomalies_reported=dict(self.reported),
                          snapshots=dict(self.model.snapshots))
 
     def _judge_held(self):
         """At the end, as replay does at the end of the trace: the reads still held."""
         if self.model.header is not None:
-            for a in self.model.finish():
-                log.warning("%s", anomaly_headline(a))
+            self._report(self.model.finish())
+
+    def _report(self, found):
+        """Each anomaly into the journal first (durably), then journald and the log. One the
+        journal holds open from before a restart is not said again."""
+        for a in found:
+            if self.journal is not None:
+                if self.journal.known(a):
+                    continue
+                try:
+                    self.journal.report(a)
+                except OSError as e:
+                    log.error("journal %s: %s: the anomaly below is only in this log",
+                              self.journal_path, e.strerror or e)
+            if self.journald is not None:
+                self.journald.send(a, identity(a))
+            log.warning("%s", anomaly_headline(a))
+            key = (a.kind, a.severity)
+            self.reported[key] = self.reported.get(key, 0) + 1
+        cleared, self.model.cleared = self.model.cleared, []
+        if self.journal is not None:
+            for a, ts in cleared:
+                try:
+                    self.journal.clear(a, ts)
+                except OSError as e:
+                    log.error("journal %s: %s", self.journal_path, e.strerror or e)
+
+    def _reopen_journal(self):
+        if self.journal is None:
+            return
+        try:
+            self.journal.reopen()
+            log.info("journal %s reopened", self.journal_path)
+        except JournalError as e:
+            log.error("%s: anomalies go to the log only", e)
+            self.journal = None
 
     def _write(self, rec):
         if self.writer is None:
@@ -249,15 +302,16 @@ class Daemon:
             self.events_lost += rec["count"]
 
 
-def run(host, port, root="/", interval=10.0, mode="auto", record=None):
+def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None):
     """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
-    cannot attach or the --record file cannot be made."""
-    daemon = Daemon(root, interval, mode, record)
+    cannot attach, or the --record or --journal file cannot be made."""
+    daemon = Daemon(root, interval, mode, record, journal)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reopen.set())
     try:
         started = daemon.start(host, port)
-    except (ProbeError, TraceWriteError) as e:
+    except (ProbeError, TraceWriteError, JournalError) as e:
         log.error("%s", e)
         return 1
     except OSError as e:

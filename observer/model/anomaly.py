@@ -33,6 +33,9 @@ class Anomaly:
     end_pfn: Optional[int] = None  # exclusive
     evidence: List[str] = field(default_factory=list)
     severity: str = ""
+    # a state a judged read of the views shows (a leak), open until a read no longer shows it;
+    # else the anomaly is about one call or one loss at ts_ns
+    standing: bool = False
 
     def __post_init__(self):
         if self.kind not in SEVERITY:

@@ -108,6 +108,8 @@ class Model:
         self.unmapped = {}         # pgmap pointer -> the event that unmapped it, until remapped
         self.stale_said = set()    # Device zone ranges said stale
         self.active = {}           # key -> anomaly, found in the last judged snapshot
+        self.cleared = []          # (anomaly, ts_ns) no longer found by a judged read: taken by
+                                   # whoever keeps anomalies open (the journal)
         self.reported = {}         # (kind, severity) -> count of anomalies reported
         self.snapshots = {"judged": 0, "unsettled": 0}
         self.last_unsettled = ""   # why the last snapshot was not judged
@@ -246,8 +248,12 @@ class Model:
         else:   # the events have taken the model past this read: those rules keep their word
             found += [a for a in self.active.values() if a.kind in ("pagemap_leak", "model_drift")]
         self.judged = snap
-        new = [a for a in found if self._key(a) not in self.active]
-        self.active = {self._key(a): a for a in found}
+        for a in found:
+            a.standing = True
+        now = {self._key(a): a for a in found}
+        new = [a for key, a in now.items() if key not in self.active]
+        self.cleared += [(a, r1) for key, a in self.active.items() if key not in now]
+        self.active = now
         return new
 
     def _was_online(self, block, zone):
