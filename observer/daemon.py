@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
 from .journald import SOCKET as JOURNALD_SOCKET, Journald
-from .metrics import StateCollector
+from .metrics import DURATION_BUCKETS, StateCollector
 from .model.model import SETTLE_NS, Model
 from .report import anomaly_headline
 from .snapshot import Snapshot
@@ -47,6 +47,9 @@ class State:
     reconciled_at: float = 0.0
     reconcile_seconds: float = 0.0
     reconcile_errors: int = 0
+    offline_since: dict = field(default_factory=dict)   # block index -> (node, monotonic time
+                                                        # it was first read offline)
+    pagemap_bytes: dict = field(default_factory=dict)   # pagemap type -> bytes mapped (BPF mode)
 
 
 def _result(event):
@@ -73,6 +76,7 @@ class Daemon:
         self._held = []            # records that came before the header could be made
         self.uevents = {}          # action -> memory-block uevents seen
         self.events = {}           # (function, origin, result) -> probe events seen
+        self.durations = {}        # function -> [count per bucket (+Inf last), sum of seconds]
         self.events_lost = 0
         self._lock = threading.Lock()        # State is replaced by both threads
         self._due = threading.Event()        # a reconcile is wanted
@@ -185,8 +189,11 @@ class Daemon:
                                        or self.current.snapshot.resources is not None):
             log.warning("resource invariants off: %s", snap.iomem_error)
         self.first = self.first or snap
+        now, before = time.monotonic(), self.current.offline_since
+        offline = {b.index: before.get(b.index, (b.node, now)) for b in snap.blocks.blocks
+                   if b.state == "offline"}
         self._update(snapshot=snap, reconciled_at=time.time(),
-                     reconcile_seconds=time.monotonic() - began)
+                     reconcile_seconds=time.monotonic() - began, offline_since=offline)
 
     def loop(self):
         """Feed the model what the source puts out; reconcile every interval, and soon after a
@@ -237,9 +244,14 @@ class Daemon:
                 self._update(reconcile_errors=self.current.reconcile_errors + 1)
         self._report(found)
         if records:
+            page = self.model.header["page_size"]
+            mapped = {}
+            for pgmap in self.model.pagemaps.values():
+                pages = sum(hi - lo for lo, hi in pgmap["ranges"])
+                mapped[pgmap["type"]] = mapped.get(pgmap["type"], 0) + pages * page
             self._update(anomalies=tuple(self.model.active.values()),
                          anomalies_reported=dict(self.reported),
-                         snapshots=dict(self.model.snapshots))
+                         snapshots=dict(self.model.snapshots), pagemap_bytes=mapped)
 
     def _judge_held(self):
         """At the end, as replay does at the end of the trace: the reads still held."""
@@ -296,6 +308,12 @@ class Daemon:
         if kind == "event":
             key = (rec["fn"], rec["origin"], _result(rec))
             self.events[key] = self.events.get(key, 0) + 1
+            seconds = (rec.get("duration_ns") or 0) / 1e9
+            counts = self.durations.setdefault(rec["fn"], [0] * (len(DURATION_BUCKETS) + 1) + [0.0])
+            bucket = next((i for i, le in enumerate(DURATION_BUCKETS) if seconds <= le),
+                          len(DURATION_BUCKETS))
+            counts[bucket] += 1
+            counts[-1] += seconds
         elif kind == "uevent":
             self.uevents[rec["action"]] = self.uevents.get(rec["action"], 0) + 1
         elif kind == "lost":

@@ -56,7 +56,7 @@ def snapshot_json(snap):
     resources = hotplug_resources(snap.resources) if snap.resources is not None else None
     return {"format": "memhp-snapshot", "version": 1, "root": snap.root, "kernel": snap.kernel,
             "page_size": snap.page_size, "block_size": snap.blocks.block_size,
-            "zones": zones_json(snap.zones), "memory_blocks": block_ranges(snap.blocks),
+            "auto_online_blocks": snap.blocks.auto_online, "zones": zones_json(snap.zones), "memory_blocks": block_ranges(snap.blocks),
             "resources": resources, "iomem_error": snap.iomem_error, "summary": summary(snap)}
 
 
@@ -80,7 +80,8 @@ def snapshot_record(snap, read_start_ns, read_end_ns, calls_before=None):
            "zones": zones_json(snap.zones), "memory_blocks": block_ranges(snap.blocks),
            "resources": hotplug_resources(snap.resources) if snap.resources is not None else None,
            "iomem": None if snap.resources is None else
-           [[r.start, r.end, r.depth, r.name] for r, _ in iomem.walk(snap.resources)]}
+           [[r.start, r.end, r.depth, r.name] for r, _ in iomem.walk(snap.resources)],
+           "auto_online_blocks": snap.blocks.auto_online}
     if calls_before is not None:
         rec["calls_before"] = calls_before
     return rec
@@ -124,10 +125,13 @@ def snapshot_from_record(rec, header) -> Snapshot:
                 blocks.append(memory_blocks.MemoryBlock(index, state, (zone,) if zone else (),
                                                         node, None))
         resources = _resources(rec)
+        policy = rec.get("auto_online_blocks")
+        if policy is not None and not isinstance(policy, str):
+            raise RecordError(f"auto_online_blocks {policy!r} is not a word")
     except (KeyError, TypeError, AttributeError) as e:
         raise RecordError(f"snapshot record without a well-formed {e}") from None
     return Snapshot(root="trace", kernel=header.get("kernel"), page_size=page_size, zones=zones,
-                    blocks=memory_blocks.MemoryBlocks(block_size, tuple(blocks)),
+                    blocks=memory_blocks.MemoryBlocks(block_size, tuple(blocks), policy),
                     resources=resources,
                     iomem_error=None if resources is not None else "not in the trace")
 

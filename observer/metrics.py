@@ -1,12 +1,18 @@
 """Prometheus exposition of the daemon's current state (DESIGN.md §4). A collector with no state
 of its own: each scrape renders the last reconciled State."""
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+import time
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import __version__
 from .model.anomaly import SEVERITY
 from .probes.functions import ALL as PROBED_FUNCTIONS
 from .formats import hotplug_resources
+
+# memhp_operation_duration_seconds: a section's add takes microseconds, a big offline minutes
+DURATION_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60,
+                    300)
 
 
 def _blocks_by_key(blocks):
@@ -50,6 +56,13 @@ class StateCollector:
         lost = CounterMetricFamily("memhp_events_lost", "Probe events the BPF buffer dropped")
         lost.add_metric([], self.state.events_lost)
         yield lost
+        yield self._durations()
+        pagemaps = GaugeMetricFamily("memhp_device_pagemap_bytes", "Bytes of ZONE_DEVICE pagemaps "
+                                     "mapped, by type (BPF mode: known from the probes' events)",
+                                     labels=["type"])
+        for kind, size in sorted(s.pagemap_bytes.items()):
+            pagemaps.add_metric([kind], size)
+        yield pagemaps
 
         last = GaugeMetricFamily("memhp_last_reconcile_timestamp_seconds",
                                  "Unix time of the last reconcile from the kernel views")
@@ -103,6 +116,23 @@ class StateCollector:
         for (node, zone, state), n in sorted(_blocks_by_key(s.snapshot.blocks).items()):
             blocks.add_metric([node, zone, state], n)
         yield blocks
+        offline = GaugeMetricFamily("memhp_memory_block_offline_seconds", "How long the block "
+                                    "offline longest on the node has been offline (present "
+                                    "memory nobody onlined), counted from this daemon's start "
+                                    "at most", labels=["node"])
+        now, longest = time.monotonic(), {}
+        for node, since in s.offline_since.values():
+            key = "" if node is None else str(node)
+            longest[key] = max(longest.get(key, 0.0), now - since)
+        for node, seconds in sorted(longest.items()):
+            offline.add_metric([node], seconds)
+        yield offline
+        policy = GaugeMetricFamily("memhp_auto_online_blocks", "1 for the kernel's policy for "
+                                   "hot-added blocks (/sys/devices/system/memory/"
+                                   "auto_online_blocks)", labels=["policy"])
+        if s.snapshot.blocks.auto_online:
+            policy.add_metric([s.snapshot.blocks.auto_online], 1)
+        yield policy
 
         if s.snapshot.resources is not None:
             res = GaugeMetricFamily("memhp_resource_bytes", "Bytes of iomem resources hotplug "
@@ -142,3 +172,16 @@ class StateCollector:
         rleak.add_metric([], sum((a.end_pfn - a.start_pfn) * s.snapshot.page_size for a in s.anomalies
                                  if a.kind == "resource_leak"))
         yield rleak
+
+    def _durations(self):
+        hist = HistogramMetricFamily("memhp_operation_duration_seconds", "How long the watched "
+                                     "kernel calls took, entry to return (BPF mode)",
+                                     labels=["function"])
+        for fn, counts in sorted(dict(self.state.durations).items()):
+            counts, total, cumulative = list(counts), counts[-1], 0
+            buckets = []
+            for le, n in zip([*map(str, DURATION_BUCKETS), "+Inf"], counts[:-1]):
+                cumulative += n
+                buckets.append((le, cumulative))
+            hist.add_metric([fn], buckets, sum_value=total)
+        return hist

@@ -118,6 +118,8 @@ def test_live_host_metrics_match_node_exporter_and_lsmem(observer, node_exporter
     blocks = {(dict(k[1])["node"], dict(k[1])["zone"], dict(k[1])["state"]): v
               for k, v in m.items() if k[0] == "memhp_memory_blocks"}
     assert blocks == lsmem_blocks()
+    with open("/sys/devices/system/memory/auto_online_blocks") as f:
+        assert m[("memhp_auto_online_blocks", (("policy", f.read().strip()),))] == 1
     # BPF mode where this kernel has kprobes (its kprobe PMU), else procfs with the reason
     kprobes = os.path.exists("/sys/bus/event_source/devices/kprobe")
     mode = "bpf" if kprobes else "procfs"
@@ -202,6 +204,25 @@ def test_span_leak_in_the_views_shows_in_metrics(observer, host_copy, tmp_path):
                               timeout=60)
     assert replayed.returncode == 1
     assert [line for line in replayed.stdout.splitlines() if line.startswith("critical")] == said
+
+
+def test_a_block_left_offline_is_timed_from_when_it_was_seen(observer, host_copy):
+    # hot-added memory nobody onlined: memhp_memory_block_offline_seconds grows, never past the
+    # daemon's own age (psutil), and goes once the block is online
+    (host_copy / "sys/devices/system/memory/memory120/state").write_text("offline\n")
+    o = observer("--root", str(host_copy), "--reconcile-interval", "0.3")
+    key = ("memhp_memory_block_offline_seconds", (("node", "0"),))
+    first = o.samples(o.scrape())[key]
+    time.sleep(1)
+    second = o.samples(o.scrape())[key]
+    age = time.time() - psutil.Process(o.proc.pid).create_time()
+    assert 0 <= first < second <= age
+    (host_copy / "sys/devices/system/memory/memory120/state").write_text("online\n")
+    deadline = time.monotonic() + 10
+    while key in o.samples(o.scrape()):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert o.stop()[0] == 0
 
 
 def test_port_in_use_is_one_line_and_nonzero(observer):

@@ -741,6 +741,28 @@ def test_daemon_counted_what_the_recorder_saw(lab):
         if e["type"] == "event":
             seen[e["fn"]] = seen.get(e["fn"], 0) + 1
     assert counted == seen
+    # one duration per call, in the histogram of its function
+    samples = daemon_samples(results, summary, "bpf")
+    for fn, n in seen.items():
+        count = samples[("memhp_operation_duration_seconds_count", (("function", fn),))]
+        inf = samples[("memhp_operation_duration_seconds_bucket", (("function", fn), ("le", "+Inf")))]
+        assert count == inf == n, fn
+
+
+def test_the_policy_and_offline_blocks_are_in_the_metrics(lab):
+    """memhp_auto_online_blocks is the policy the last step left (the capture's own file), and
+    memhp_memory_block_offline_seconds counts the blocks a capture shows offline at the end."""
+    results, summary = lab
+    last = sorted(os.listdir(os.path.join(results, "captures", "selftest")))[-1]
+    root = os.path.join(results, "captures", "selftest", last)
+    with open(os.path.join(root, "sys/devices/system/memory/auto_online_blocks")) as f:
+        policy = f.read().strip()
+    offline = [b for b in snapshot.take(root).blocks.blocks if b.state == "offline"]
+    for mode in session.DAEMONS:
+        samples = daemon_samples(results, summary, mode)
+        assert samples[("memhp_auto_online_blocks", (("policy", policy),))] == 1
+        held = {k[1] for k in samples if k[0] == "memhp_memory_block_offline_seconds"}
+        assert held == {(("node", str(n)),) for n in {b.node for b in offline}}
 
 
 def test_acpi_eject_of_online_memory_is_attributed_to_acpi(lab):
@@ -854,6 +876,16 @@ def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
             assert found_in(live, kind, lo, hi), (step, kind, [report.anomaly_headline(a) for a in live])
             assert found_in(recorded, kind, lo, hi), (step, kind, [report.anomaly_headline(a) for a in recorded])
     print(f"{mode}: " + "; ".join(report.anomaly_headline(a) for a in live))
+
+
+def test_the_pagemaps_left_mapped_are_in_the_metrics(faults_lab):
+    """The two GENERIC pagemaps the module mapped and never unmapped (its dmesg words name
+    them): memhp_device_pagemap_bytes at the end, in BPF mode."""
+    results, summary = faults_lab
+    mapped = [module_range(results, step) for step in ("map", "map-again")]
+    samples = daemon_samples(results, summary, "bpf")
+    assert samples[("memhp_device_pagemap_bytes", (("type", "generic"),))] == \
+        sum(hi - lo for lo, hi in mapped) * PAGE
 
 
 def test_the_faults_are_in_the_kernel_views_or_only_in_the_calls(faults_lab):

@@ -49,6 +49,9 @@ class MemoryBlock:
 class MemoryBlocks:
     block_size: int            # bytes
     blocks: Tuple[MemoryBlock, ...]  # sorted by index
+    # what the kernel does with a block it hot-adds (offline, online, online_kernel,
+    # online_movable); None where the tree has no auto_online_blocks
+    auto_online: Optional[str] = None
 
 
 def _one_line(root, relpath):
@@ -175,4 +178,15 @@ def read_memory_blocks(root="/"):
             # a block hot-removed while we read it is simply gone; anything else is an error
             if os.path.lexists(view_path(root, f"{MEMORY}/memory{i}")):
                 raise
-    return MemoryBlocks(size, tuple(blocks))
+    return MemoryBlocks(size, tuple(blocks), read_auto_online(root))
+
+
+def read_auto_online(root="/"):
+    """The hot-add policy: one word (drivers/base/memory.c prints online_type_to_str[])."""
+    relpath = f"{MEMORY}/auto_online_blocks"
+    if not os.path.lexists(view_path(root, relpath)):
+        return None
+    value = _one_line(root, relpath)
+    if not re.match(r"^[a-z_]{1,32}$", value):
+        raise ViewError(view_path(root, relpath), f"not a policy word: {excerpt(value)}", 1)
+    return value
