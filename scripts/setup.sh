@@ -13,8 +13,9 @@ host_apt_stamp=/var/lib/apt/periodic/memhp-update-stamp   # beside apt's own upd
 
 need=(python3-venv python3-bpfcc prometheus)
 # --test-tools: what the tests check the observer against (node_exporter's zoneinfo collector,
+# Alertmanager receiving the alert rules' alerts,
 # pahole and bpftool reading BTF); their services are not started either
-[ "${1:-}" != --test-tools ] || need+=(prometheus-node-exporter dwarves bpftool)
+[ "${1:-}" != --test-tools ] || need+=(prometheus-node-exporter prometheus-alertmanager dwarves bpftool)
 missing=()
 for p in "${need[@]}"; do installed "$p" || missing+=("$p"); done
 kbuild=/lib/modules/$(uname -r)/build

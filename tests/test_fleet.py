@@ -1,0 +1,119 @@
+"""The fleet configuration end to end with Debian's own components on loopback: the example
+Prometheus configuration (file-based discovery, the alert rules) scrapes a real observer
+watching a tree with a span leak, the rule fires, and the example Alertmanager route delivers
+it to the pager receiver, here a local webhook."""
+
+import http.server
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from test_daemon import Observer, free_port
+
+FLEET = os.path.join(os.path.dirname(__file__), "..", "dashboards", "fleet")
+RULES = os.path.abspath(os.path.join(FLEET, "..", "alerts.yml"))
+LEAK = "sys/devices/system/memory/memory199/state"
+
+
+def test_the_example_configurations_check_clean():
+    checked = subprocess.run(["promtool", "check", "config", "prometheus.yml"], cwd=FLEET,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    checked = subprocess.run(["amtool", "check-config", "alertmanager.yml"], cwd=FLEET,
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+class Webhook(http.server.BaseHTTPRequestHandler):
+    received = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Webhook.received.append((self.path, json.loads(body)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for proc in started:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers):
+    (host_copy / LEAK).write_text("offline\n")
+    observer = Observer("--root", str(host_copy), "--reconcile-interval", "1")
+    servers.append(observer.proc)
+
+    Webhook.received = []
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    # the example route as it is, its receivers pointed at the webhook, its waits short
+    with open(os.path.join(FLEET, "alertmanager.yml")) as f:
+        am = yaml.safe_load(f)
+    for receiver in am["receivers"]:
+        for hook_config in receiver.get("webhook_configs", []):
+            path = hook_config["url"].split("/", 3)[3]
+            hook_config["url"] = f"http://127.0.0.1:{hook.server_port}/{path}"
+    for route in [am["route"]] + am["route"]["routes"]:
+        route["group_wait"] = "1s"
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am))
+    am_port = free_port()
+    servers.append(subprocess.Popen(
+        ["prometheus-alertmanager", f"--config.file={tmp_path / 'alertmanager.yml'}",
+         f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
+         "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    # the example Prometheus configuration, its targets file naming this observer
+    with open(os.path.join(FLEET, "prometheus.yml")) as f:
+        prom = yaml.safe_load(f)
+    prom["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    prom["rule_files"] = [RULES]
+    prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{am_port}"]
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "lab.json").write_text(json.dumps(
+        [{"targets": [f"127.0.0.1:{observer.port}"], "labels": {"pool": "test"}}]))
+    prom["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(tmp_path / "targets" / "*.json")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
+    prom_port = free_port()
+    servers.append(subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    # MemhpZoneSpanLeak holds for 1 minute before it fires
+    deadline = time.monotonic() + 150
+    while not [body for path, body in Webhook.received if path == "/memhp/page"]:
+        assert time.monotonic() < deadline, get(f"http://127.0.0.1:{prom_port}/api/v1/alerts")
+        time.sleep(1)
+    hook.shutdown()
+    [(_, body)] = [(p, b) for p, b in Webhook.received if p == "/memhp/page"]
+    [alert] = body["alerts"]
+    assert body["receiver"] == "pager" and alert["status"] == "firing"
+    assert alert["labels"]["alertname"] == "MemhpZoneSpanLeak"
+    assert alert["labels"]["instance"] == f"127.0.0.1:{observer.port}"
+    assert (alert["labels"]["pool"], alert["labels"]["severity"]) == ("test", "critical")
+    assert alert["annotations"]["runbook_url"] == "dashboards/RUNBOOK.md#memhpzonespanleak"
+    # nothing else fired: the observer is up, it lost nothing, its reads return
+    firing = get(f"http://127.0.0.1:{prom_port}/api/v1/alerts")["data"]["alerts"]
+    assert {a["labels"]["alertname"] for a in firing if a["state"] == "firing"} == {"MemhpZoneSpanLeak"}
