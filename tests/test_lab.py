@@ -493,7 +493,7 @@ def test_daemons_watching_every_scenario_raise_no_false_alarm(lab, mode):
     kernel's selftest included): no critical anomaly in its log or its metrics, and `replay`
     of what it recorded reports exactly what it logged."""
     results, summary = lab
-    log_name, record, _ = session.daemon_files(mode)
+    log_name, record, _, journal = session.daemon_files(mode)
     with open(os.path.join(results, log_name)) as f:
         log = f.read()
     assert {"bpf": "BPF mode:", "procfs": "procfs mode (--mode procfs)"}[mode] in log
@@ -506,8 +506,23 @@ def test_daemons_watching_every_scenario_raise_no_false_alarm(lab, mode):
     found, model = replay(os.path.join(results, record))
     assert [report.anomaly_headline(a) for a in found] == said
     assert model.snapshots["judged"] >= 20
+    assert_journal_holds(os.path.join(results, journal), said)
     print(f"daemon {mode}: {model.snapshots}; {len(said)} anomalies said "
           f"({', '.join(sorted({line.split()[1] for line in said}))})")
+
+
+def assert_journal_holds(path, said):
+    """The daemon's anomaly journal: one record per anomaly it said, in order, before it said
+    it; `cleared` only for a standing one it had reported."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    assert records[0]["type"] == "journal"
+    reported = [r for r in records if r["type"] == "anomaly"]
+    assert len(reported) == len(said)
+    for r, line in zip(reported, said):
+        assert line.startswith(f"{r['severity']:<8} {r['kind']}") and line.endswith(": " + r["message"])
+    standing = {r["id"] for r in reported if r["standing"]}
+    assert {r["id"] for r in records if r["type"] == "cleared"} <= standing
 
 
 # --- cross-checks of every recorded trace against independent evidence -----------------------
@@ -713,7 +728,7 @@ def test_an_offline_refused_names_the_page_that_blocked_it(lab):
     assert set(page["flags"]) == {n for n in names.split("|") if "=" not in n}
     assert "reserved" in page["flags"] and page["refcount"] >= 0
     said = f"the kernel named pfn {pfn:#x} ('{reason}'"
-    log_name, record, _ = session.daemon_files("bpf")
+    log_name, record, _, _ = session.daemon_files("bpf")
     with open(os.path.join(results, log_name)) as f:
         assert [line for line in f if "operation_failed" in line and said in line]
     for path in (record, session.TRACE, session.KFUNC_TRACE):
@@ -763,6 +778,65 @@ def test_the_policy_and_offline_blocks_are_in_the_metrics(lab):
         assert samples[("memhp_auto_online_blocks", (("policy", policy),))] == 1
         held = {k[1] for k in samples if k[0] == "memhp_memory_block_offline_seconds"}
         assert held == {(("node", str(n)),) for n in {b.node for b in offline}}
+
+
+def test_every_dashboard_query_returns_data(lab, host_copy, tmp_path):
+    """Every panel's and annotation's query of both dashboards returns data from a real
+    Prometheus holding this session's daemons (BPF and procfs mode, their /metrics every 5 s,
+    backfilled) and scraping a live observer on the host in which a span leak is made (`up`,
+    and a critical anomaly that comes while it is watched)."""
+    import urllib.parse
+    import urllib.request
+    from backfill import create_blocks, scrapes
+    from test_daemon import Observer, free_port
+    from test_dashboards import DASHBOARDS, load, queries
+    results, summary = lab
+    histories = {f"lab-{summary['kernel']}-{mode}": os.path.join(results, f"metrics-{mode}.history")
+                 for mode in session.DAEMONS}
+    create_blocks(histories, tmp_path / "tsdb", tmp_path)
+    observer = Observer("--root", str(host_copy), "--reconcile-interval", "0.5")
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(json.dumps({
+        "global": {"scrape_interval": "1s"},
+        "scrape_configs": [{"job_name": "memhp-observer",
+                            "static_configs": [{"targets": [f"127.0.0.1:{observer.port}"]}]}]}))
+    prom = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def query(expr, start, end):
+        url = f"http://127.0.0.1:{port}/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": expr, "start": start, "end": end, "step": 5})
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.loads(r.read())["data"]["result"]
+
+    try:
+        time.sleep(5)    # scraped a few times before the leak, so its counter is seen to rise
+        (host_copy / "sys/devices/system/memory/memory199/state").write_text("offline\n")
+        deadline = time.monotonic() + 60
+        while not query(f'memhp_anomalies_active{{kind="zone_span_leak",instance="127.0.0.1:{observer.port}"}} > 0',
+                        time.time() - 10, time.time()):
+            assert time.monotonic() < deadline, "the live observer's leak never reached Prometheus"
+            time.sleep(1)
+        time.sleep(5)
+        start = min(t for path in histories.values() for t, _ in scrapes(path)) - 60
+        end = time.time() + 60
+        instances = [*histories, f"127.0.0.1:{observer.port}"]
+        assert {r["metric"]["instance"] for r in query("memhp_build_info", start, end)} == set(instances)
+        empty = []
+        for path in DASHBOARDS:
+            d = load(path)
+            for where, expr in queries(d):
+                expr = expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+                chosen = [".*"] if '=~"$instance"' in expr else instances   # All, or each host
+                if not any(query(expr.replace("$instance", i), start, end) for i in chosen):
+                    empty.append(f"{d['uid']}: {where}: {expr}")
+        assert not empty
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)
+        observer.stop()
 
 
 def test_acpi_eject_of_online_memory_is_attributed_to_acpi(lab):
@@ -863,12 +937,13 @@ def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
     log, which replaying what it recorded reproduces line for line) and by `record` then
     `replay`, in every mode that can see it."""
     results, _ = faults_lab
-    log_name, record, _ = session.daemon_files(mode)
+    log_name, record, _, journal = session.daemon_files(mode)
     with open(os.path.join(results, log_name)) as f:
         said = [line.split(": ", 1)[1] for line in f.read().splitlines()
                 if line.split(": ", 1)[-1].split(" ", 1)[0] in ("critical", "warning", "info")]
     live, _ = replay(os.path.join(results, record))
     assert [report.anomaly_headline(a) for a in live] == said
+    assert_journal_holds(os.path.join(results, journal), said)
     recorded, _ = replay(os.path.join(results, session.TRACE if mode == "bpf" else
                                       session.PROCFS_TRACE))
     for step, (kind, lo, hi, modes) in expected_faults(results).items():
@@ -876,6 +951,27 @@ def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
             assert found_in(live, kind, lo, hi), (step, kind, [report.anomaly_headline(a) for a in live])
             assert found_in(recorded, kind, lo, hi), (step, kind, [report.anomaly_headline(a) for a in recorded])
     print(f"{mode}: " + "; ".join(report.anomaly_headline(a) for a in live))
+
+
+def test_the_kmem_pin_is_said_as_what_it_is(faults_lab):
+    """kmem unbound with its memory online: the kernel says "cannot be hotremoved until the
+    next reboot" (dmesg) and keeps System RAM (kmem) over online blocks. BPF mode says the
+    failed remove as that pin, an info at the range dmesg names; no mode calls it a leak."""
+    results, summary = faults_lab
+    out = steps(results, "faults")["kmem-unbind"]["out"]
+    lo, hi = re.search(r"(0x[0-9a-f]+)-(0x[0-9a-f]+) cannot be hotremoved until the next reboot",
+                       out).groups()
+    lo, hi = int(lo, 16) // PAGE, (int(hi, 16) + 1) // PAGE
+    for mode in session.DAEMONS:
+        found, _ = replay(os.path.join(results, session.daemon_files(mode)[1]))
+        assert not [a for a in found if a.severity == CRITICAL and lo <= (a.start_pfn or -1) < hi]
+    found, _ = replay(os.path.join(results, session.daemon_files("bpf")[1]))
+    [pin] = [a for a in found if a.kind == "operation_failed" and "next reboot" in a.message]
+    assert (pin.start_pfn, pin.end_pfn, pin.severity) == (lo, hi, "info")
+    assert pin.message.startswith("dax/kmem could not remove its memory (-EBUSY)")
+    ram = [r for r, _ in iomem.walk(view(results, "faults", "kmem-unbind").resources)
+           if r.name == "System RAM (kmem)"]
+    assert [(r.start // PAGE, (r.end + 1) // PAGE) for r in ram] == [(lo, hi)]
 
 
 def test_the_pagemaps_left_mapped_are_in_the_metrics(faults_lab):

@@ -203,7 +203,8 @@ SCENARIOS = {s.name: s for s in [
                        "pagemap left mapped after its region goes, a device range released as "
                        "System RAM, a remove of memory never added, System RAM left over removed "
                        "memory (whole, and stretched over part of it), Movable's span left wide "
-                       "after an offline and after a remove", [
+                       "after an offline and after a remove; then dax/kmem unbound while its "
+                       "memory is online (its deliberate pin, no leak)", [
         Step("prepare", sh=f"{OFFLINE_POLICY} && insmod {{faults_module}}"),
         Step("remove-never-added", sh=_fault("remove-never-added"), timeout=60),
         Step("leak-whole", sh=_fault("leak-whole"), timeout=60),
@@ -224,6 +225,14 @@ SCENARIOS = {s.name: s for s in [
             f"widen-movable $(printf %x $((({{dimm_addr}} + {DIMM_SIZE}) / 4096)))")),
         Step("device-del", qmp=("device_del", {"id": "dimm0"}),
              until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
+        # dax/kmem's deliberate pin, which is no leak: its memory online, the driver unbound;
+        # remove_memory fails (-EBUSY) and kmem keeps the range until the next reboot
+        Step("kmem-online", timeout=180, sh=f"{PMEM_MODULES} && ndctl create-namespace -f -e "
+                                            f"namespace0.0 -m devdax && daxctl reconfigure-device "
+                                            f"--mode=system-ram dax0.0"),
+        Step("kmem-unbind", timeout=60, sh=f"echo dax0.0 > /sys/bus/dax/drivers/kmem/unbind && "
+                                           f"sleep {FAULT_SETTLE_SECONDS} && "
+                                           f"dmesg | grep 'cannot be hotremoved' | tail -1"),
         Step("settle", sh=f"sleep {FAULT_SETTLE_SECONDS}", timeout=60),
     ], alone=True),
     Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "

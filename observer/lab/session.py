@@ -54,11 +54,15 @@ def run(results, names, release=None, progress=None):
             summary["recorder_start_seconds"] = recorders[0]["seconds"]
             for daemon in daemons:
                 wait_daemon(guest, daemon)
+            scraper = guest.sh(f"{sys.executable} -m observer.lab.scrape {guest.results} "
+                               f"{SCRAPE_SECONDS} " + " ".join(f"{m}={p}" for m, p in DAEMONS.items())
+                               + " > /dev/null 2>&1 & echo $!")["out"].strip()
             for name in names:
                 t = time.monotonic()
                 summary["scenarios"][name] = {"steps": run_scenario(guest, SCENARIOS[name]),
                                               "seconds": round(time.monotonic() - t, 1)}
             summary["recorded"] = [stop_recorder(guest, r) for r in recorders]
+            guest.sh(f"kill {scraper}")
             summary["metrics"] = {d["mode"]: scrape_daemon(guest, d) for d in daemons}
             keep_evidence(guest)
     finally:
@@ -111,19 +115,22 @@ def stop_recorder(guest, recorder, timeout=120):
 # model was fed (replay must judge it the same) and is scraped at the end.
 DAEMONS = {"bpf": 9477, "procfs": 9478}
 RECONCILE_SECONDS = 1
+SCRAPE_SECONDS = 5     # their /metrics, as Prometheus would scrape them (observer/lab/scrape.py)
 
 
 def daemon_files(mode):
-    """(log, recorded trace, metrics) of the daemon of this mode, in the results directory."""
-    return f"daemon-{mode}.log", f"daemon-{mode}.jsonl", f"metrics-{mode}.txt"
+    """(log, recorded trace, metrics, anomaly journal) of the daemon of this mode, in the
+    results directory."""
+    return (f"daemon-{mode}.log", f"daemon-{mode}.jsonl", f"metrics-{mode}.txt",
+            f"journal-{mode}.jsonl")
 
 
 def start_daemon(guest, mode):
     """`memhp-observer run` in the guest in this mode (bpf: its own probes)."""
     exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
-    log, record, _ = (os.path.join(guest.results, f) for f in daemon_files(mode))
+    log, record, _, journal = (os.path.join(guest.results, f) for f in daemon_files(mode))
     pid = guest.sh(f"{exe} run --listen 127.0.0.1:{DAEMONS[mode]} --mode {mode} "
-                   f"--reconcile-interval {RECONCILE_SECONDS} --record {record} "
+                   f"--reconcile-interval {RECONCILE_SECONDS} --record {record} --journal {journal} "
                    f"> {log} 2>&1 & echo $!")["out"].strip()
     return {"pid": pid, "log": log, "mode": mode}
 
