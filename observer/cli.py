@@ -100,13 +100,21 @@ def seconds(value):
     return s
 
 
+def byte_count(value):
+    """A positive number of bytes."""
+    if not value.isdigit() or int(value) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of bytes, got {value!r}")
+    return int(value)
+
+
 def cmd_run(args):
     import logging
     from . import daemon
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
     return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
-                      record=args.record, journal=args.journal)
+                      record=args.record, journal=args.journal,
+                      record_max_bytes=args.record_max_bytes)
 
 
 def cmd_lab(args):
@@ -303,6 +311,9 @@ def build_parser():
     r.add_argument("--record", metavar="FILE",
                    help="also write every record the model is fed into a new trace (v1), "
                         "which `replay` judges the same way")
+    r.add_argument("--record-max-bytes", type=byte_count, metavar="N",
+                   help="past N bytes, the next read of the views begins a new --record file "
+                        "(FILE.1 .. FILE.4 kept; default 64 MiB); each file replays on its own")
     r.add_argument("--journal", metavar="FILE",
                    help="append every anomaly reported to this JSON Lines journal, fsynced per "
                         "record, rotated at 16 MiB (FILE.1 .. FILE.4); a restart in the same "

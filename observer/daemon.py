@@ -32,6 +32,7 @@ from .views.source import ViewError
 
 log = logging.getLogger("memhp-observer")
 STUCK_SECONDS = 30   # a reconcile running this long is said to be stuck (once per reconcile)
+RECORD_MAX_BYTES = 64 << 20   # --record: a new file at the next read past this (4 kept)
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,19 @@ def _result(event):
 
 
 class Daemon:
-    def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None):
+    def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None,
+                 record_max_bytes=None):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
         self.record = record       # a trace file of everything the model was fed, or None
+        self.record_max_bytes = record_max_bytes or RECORD_MAX_BYTES
         self.journal_path = journal
         self.journal = None        # the anomaly journal (--journal), or None
         self.journald = None       # structured entries where journald listens, or None
         self.reported = {}         # (kind, severity) -> anomalies this process reported
         self.stop = threading.Event()
-        self.reopen = threading.Event()   # SIGHUP: reopen the journal
+        self.reopen = threading.Event()   # SIGHUP: reopen the journal and the record
         self.current = None
         self.source = None
         self.model = Model()
@@ -119,7 +122,8 @@ class Daemon:
         """Probes first (one line saying why BPF is off), then the first reconcile, then the
         listener. False when stopped before the first reconcile finished."""
         if self.record:
-            self.writer = TraceWriter(self.record)   # a bad path fails before anything loads
+            # a bad path fails before anything loads
+            self.writer = TraceWriter(self.record, max_bytes=self.record_max_bytes)
         if self.journal_path:
             self.journal = Journal(self.journal_path, boot_id())
             if self.journal.open_ids:
@@ -205,6 +209,8 @@ class Daemon:
                 if self.reopen.is_set():
                     self.reopen.clear()
                     self._reopen_journal()
+                    if self.writer:
+                        self.writer.reopen()
                 wait = max(0.0, min(next_at - time.monotonic(), 0.5))
                 records = self.source.poll(wait)
                 self._take(records)
@@ -320,10 +326,11 @@ class Daemon:
             self.events_lost += rec["count"]
 
 
-def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None):
+def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None,
+        record_max_bytes=None):
     """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
     cannot attach, or the --record or --journal file cannot be made."""
-    daemon = Daemon(root, interval, mode, record, journal)
+    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     signal.signal(signal.SIGHUP, lambda *_: daemon.reopen.set())

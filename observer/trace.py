@@ -5,6 +5,7 @@ number with no event: lost). The writer puts out every line whole as it is writt
 streams and names the file and line of anything malformed."""
 
 import json
+import os
 
 FORMAT, VERSION = "memhp-trace", 1
 TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent", "begun", "skipped")
@@ -34,20 +35,57 @@ class TraceWriteError(Exception):
 class TraceWriter:
     """A new trace file, never written over an existing one (nor over a device such as
     /dev/full). Each line goes out whole as it is written; when a write fails (disk full), the
-    file is cut back to its last whole line, so what was recorded stays a readable trace."""
+    file is cut back to its last whole line, so what was recorded stays a readable trace.
 
-    def __init__(self, path):
-        self.path = path
-        try:
-            self.file = open(path, "xb", buffering=0)
-        except FileExistsError:
-            raise TraceWriteError(f"{path}: exists; record writes a new file, never over one") from None
-        except OSError as e:
-            raise TraceWriteError(f"{path}: {e.strerror or e}") from None
+    Bounded (max_bytes): once the file holds that much, the next snapshot record begins a new
+    one (PATH moves to PATH.1, PATH.1 to PATH.2, … up to PATH.KEEP): the header, then that
+    snapshot, so every file is a trace `replay` judges on its own. reopen() (SIGHUP) begins a
+    new PATH at the next snapshot record too, when PATH was moved away."""
+
+    def __init__(self, path, max_bytes=None, keep=4):
+        self.path, self.max_bytes, self.keep = path, max_bytes, keep
+        self.file = self._create()
         self.lines = 0
         self.size = 0
+        self.header = None
+        self.reopen_wanted = False
+
+    def _create(self):
+        try:
+            return open(self.path, "xb", buffering=0)
+        except FileExistsError:
+            raise TraceWriteError(f"{self.path}: exists; record writes a new file, never over "
+                                  f"one") from None
+        except OSError as e:
+            raise TraceWriteError(f"{self.path}: {e.strerror or e}") from None
+
+    def reopen(self):
+        self.reopen_wanted = True
+
+    def _begin_new_file(self, rotate):
+        self.file.close()
+        if rotate:
+            try:
+                for n in range(self.keep - 1, 0, -1):
+                    if os.path.exists(f"{self.path}.{n}"):
+                        os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            except OSError as e:
+                raise TraceWriteError(f"{self.path}: cannot rotate: {e.strerror or e}") from None
+        self.file = self._create()
+        self.lines = self.size = 0
+        self.write(self.header)
 
     def write(self, record):
+        if record["type"] == "header":
+            self.header = record
+        elif record["type"] == "snapshot" and self.header is not None:
+            if self.max_bytes and self.size >= self.max_bytes:
+                self._begin_new_file(rotate=True)
+            elif self.reopen_wanted:
+                self.reopen_wanted = False
+                if not os.path.exists(self.path):   # moved away (logrotate): a new one
+                    self._begin_new_file(rotate=False)
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         try:
             view = memoryview(data)

@@ -166,3 +166,34 @@ def test_each_anomaly_is_one_structured_journald_entry(host_copy, tmp_path):
     assert int(entry["MEMHP_START_PFN"]) < int(entry["MEMHP_END_PFN"])
     assert entry["MESSAGE"].startswith("critical zone_span_leak (node 0, Normal, pfn ")
     assert "memory199" in entry["MEMHP_EVIDENCE"] and "\n" in entry["MEMHP_EVIDENCE"]
+
+
+def replayed(path):
+    return subprocess.run([EXE, "replay", str(path)], capture_output=True, text=True, timeout=120)
+
+
+def test_the_record_rotates_and_reopens_and_every_file_replays_on_its_own(host_copy, tmp_path):
+    (host_copy / LEAK).write_text("offline\n")
+    trace = tmp_path / "run.jsonl"
+    o = Observer("--root", str(host_copy), "--reconcile-interval", "0.2", "--record", str(trace),
+                 "--record-max-bytes", "30000")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run.jsonl.4").exists():
+        assert time.monotonic() < deadline, sorted(p.name for p in tmp_path.iterdir())
+        time.sleep(0.2)
+    # logrotate's way: move the file away, then SIGHUP; a new one begins at the next read
+    moved = tmp_path / "moved.jsonl"
+    os.rename(trace, moved)
+    o.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not trace.exists():
+        assert time.monotonic() < deadline, "no new file after SIGHUP"
+        time.sleep(0.2)
+    time.sleep(1)
+    stop(o)
+    assert not (tmp_path / "run.jsonl.5").exists()      # four kept
+    for path in [trace, moved] + [tmp_path / f"run.jsonl.{n}" for n in range(1, 5)]:
+        first = [json.loads(line) for line in path.read_text().splitlines()[:2]]
+        assert [r["type"] for r in first] == ["header", "snapshot"], path
+        out = replayed(path)     # each is a trace of its own: the leak is found in it
+        assert out.returncode == 1 and "critical zone_span_leak" in out.stdout, (path, out.stderr)
