@@ -21,6 +21,7 @@ from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
 from .journald import SOCKET as JOURNALD_SOCKET, Journald
 from .metrics import DURATION_BUCKETS, StateCollector
+from .notify import Notifier
 from .model.model import SETTLE_NS, Model
 from .report import anomaly_headline
 from .snapshot import Snapshot
@@ -71,6 +72,8 @@ class Daemon:
         self.reported = {}         # (kind, severity) -> anomalies this process reported
         self.stop = threading.Event()
         self.reopen = threading.Event()   # SIGHUP: reopen the journal and the record
+        self.notifier = Notifier()         # systemd's notify socket, when it runs us
+        self.mode_said = ""
         self.current = None
         self.source = None
         self.model = Model()
@@ -95,13 +98,13 @@ class Daemon:
         """(Probes, status of every function), or (None, {}) in procfs mode. Without kprobes,
         the fentry load is tried in a child first: a refusal then costs the daemon no LLVM."""
         if self.mode == "procfs" or self.root != "/":
-            log.info("procfs mode (%s)", "--mode procfs" if self.mode == "procfs" else "--root")
+            self._say_mode(f"procfs mode ({'--mode procfs' if self.mode == 'procfs' else '--root'})")
             return None, {}
         lacking = missing_privilege()
         if lacking:
             if self.mode == "bpf":
                 raise ProbeError(f"--mode bpf: {lacking}")
-            log.info("BPF off: %s: procfs mode", lacking)
+            self._say_mode(f"BPF off: {lacking}: procfs mode")
             return None, {}
         if not has_kprobes():
             loaded, why = try_fentry(timeout=60)
@@ -109,14 +112,20 @@ class Daemon:
                 reason = f"no kprobes in this kernel; fentry {why}"
                 if self.mode == "bpf":
                     raise ProbeError(f"--mode bpf: {reason}")
-                log.info("BPF off: %s: procfs mode", reason)
+                self._say_mode(f"BPF off: {reason}: procfs mode")
                 return None, {}
-        probes, status = attach(self.mode)
+        probes, status = attach(self.mode)   # says itself why, when nothing attaches
         if probes is None:
+            self.mode_said = "procfs mode: no probe attached"
             return None, {}
-        log.info("BPF mode: %d of %d functions attached",
-                 sum(st.attached for st in status.values()), len(status))
+        self._say_mode(f"BPF mode: {sum(st.attached for st in status.values())} of "
+                       f"{len(status)} functions attached")
         return probes, status
+
+    def _say_mode(self, sentence):
+        """The one line on the mode, for the log and for systemd's STATUS."""
+        log.info("%s", sentence)
+        self.mode_said = sentence
 
     def start(self, host, port):
         """Probes first (one line saying why BPF is off), then the first reconcile, then the
@@ -148,6 +157,8 @@ class Daemon:
                 return False
             self._say_if_stuck()
         start_http_server(port, addr=host, registry=registry)   # OSError when the port is taken
+        # probes attached (or deliberately not) and the first read taken: ready
+        self.notifier.send(READY=1, STATUS=f"{self.mode_said}; serving /metrics on {host}:{port}")
         log.info("serving /metrics on %s:%d, reconciling every %g s", host, port, self.interval)
         return True
 
@@ -204,8 +215,15 @@ class Daemon:
         memory block is added, removed, onlined or offlined (its uevent): at once, and again
         once the uevents have settled, so that two reads can agree (procfs mode judges so)."""
         next_at = time.monotonic() + min(self.interval, SETTLE_NS * 1.5 / 1e9)
+        pinged = 0.0
         try:
             while not self.stop.is_set():
+                # systemd's watchdog is fed from this loop: if it stops turning, systemd
+                # restarts the daemon
+                if self.notifier.watchdog_seconds and \
+                        time.monotonic() - pinged >= self.notifier.watchdog_seconds:
+                    self.notifier.send(WATCHDOG=1)
+                    pinged = time.monotonic()
                 if self.reopen.is_set():
                     self.reopen.clear()
                     self._reopen_journal()
@@ -222,6 +240,7 @@ class Daemon:
                     next_at = time.monotonic() + self.interval
                 self._say_if_stuck()
         finally:
+            self.notifier.send(STOPPING=1)
             self._take(self.source.drain())
             self._judge_held()
             self.source.close()
