@@ -45,14 +45,18 @@ class Webhook(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def servers():
+    """Processes and HTTP servers a test started, stopped at its end."""
     started = []
     yield started
-    for proc in started:
-        proc.terminate()
+    for server in started:
+        if isinstance(server, http.server.HTTPServer):
+            server.shutdown()
+            continue
+        server.terminate()
         try:
-            proc.wait(timeout=10)
+            server.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            server.kill()
 
 
 def get(url):
@@ -60,15 +64,13 @@ def get(url):
         return json.loads(r.read())
 
 
-def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers):
-    (host_copy / LEAK).write_text("offline\n")
-    observer = Observer("--root", str(host_copy), "--reconcile-interval", "1")
-    servers.append(observer.proc)
-
+def alerting(tmp_path, target, servers):
+    """The example Alertmanager (its route as it is, its receivers pointed at a local webhook,
+    its waits short) and the example Prometheus (1 s scrapes and rule evaluations, its targets
+    file naming `target`) on loopback; returns Prometheus's port. Webhook.received fills."""
     Webhook.received = []
     hook = http.server.HTTPServer(("127.0.0.1", 0), Webhook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
-    # the example route as it is, its receivers pointed at the webhook, its waits short
     with open(os.path.join(FLEET, "alertmanager.yml")) as f:
         am = yaml.safe_load(f)
     for receiver in am["receivers"]:
@@ -83,8 +85,6 @@ def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers
         ["prometheus-alertmanager", f"--config.file={tmp_path / 'alertmanager.yml'}",
          f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
          "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-
-    # the example Prometheus configuration, its targets file naming this observer
     with open(os.path.join(FLEET, "prometheus.yml")) as f:
         prom = yaml.safe_load(f)
     prom["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
@@ -92,7 +92,7 @@ def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers
     prom["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{am_port}"]
     (tmp_path / "targets").mkdir()
     (tmp_path / "targets" / "lab.json").write_text(json.dumps(
-        [{"targets": [f"127.0.0.1:{observer.port}"], "labels": {"pool": "test"}}]))
+        [{"targets": [target], "labels": {"pool": "test"}}]))
     prom["scrape_configs"][0]["file_sd_configs"][0]["files"] = [str(tmp_path / "targets" / "*.json")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
     prom_port = free_port()
@@ -100,17 +100,30 @@ def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    servers.append(hook)
+    return prom_port
 
-    # MemhpZoneSpanLeak holds for 1 minute before it fires
-    deadline = time.monotonic() + 150
-    while not [body for path, body in Webhook.received if path == "/memhp/page"]:
+
+def paged(prom_port, alertname, timeout=150):
+    """The first notification the pager receiver got for this alert (the rule holds 1 minute)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pages = [b for path, b in Webhook.received if path == "/memhp/page"
+                 and any(a["labels"]["alertname"] == alertname for a in b["alerts"])]
+        if pages:
+            return pages[0]
         assert time.monotonic() < deadline, get(f"http://127.0.0.1:{prom_port}/api/v1/alerts")
         time.sleep(1)
-    hook.shutdown()
-    [(_, body)] = [(p, b) for p, b in Webhook.received if p == "/memhp/page"]
+
+
+def test_a_leak_becomes_an_alert_the_pager_receives(host_copy, tmp_path, servers):
+    (host_copy / LEAK).write_text("offline\n")
+    observer = Observer("--root", str(host_copy), "--reconcile-interval", "1")
+    servers.append(observer.proc)
+    prom_port = alerting(tmp_path, f"127.0.0.1:{observer.port}", servers)
+    body = paged(prom_port, "MemhpZoneSpanLeak")
     [alert] = body["alerts"]
     assert body["receiver"] == "pager" and alert["status"] == "firing"
-    assert alert["labels"]["alertname"] == "MemhpZoneSpanLeak"
     assert alert["labels"]["instance"] == f"127.0.0.1:{observer.port}"
     assert (alert["labels"]["pool"], alert["labels"]["severity"]) == ("test", "critical")
     assert alert["annotations"]["runbook_url"] == "dashboards/RUNBOOK.md#memhpzonespanleak"

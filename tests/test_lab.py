@@ -984,6 +984,45 @@ def test_the_pagemaps_left_mapped_are_in_the_metrics(faults_lab):
         sum(hi - lo for lo, hi in mapped) * PAGE
 
 
+def test_the_leaks_made_in_the_lab_page_someone(faults_lab, tmp_path):
+    """What the BPF daemon served at the end of the faults session (its /metrics, kept in the
+    results), scraped by the example Prometheus with the alert rules: the span, resource and
+    pagemap leaks fire and the example Alertmanager route delivers each to the pager."""
+    import http.server
+    import threading
+    from test_fleet import Webhook, alerting, paged
+    results, summary = faults_lab
+    with open(os.path.join(results, summary["metrics"]["bpf"]), "rb") as f:
+        exposition = f.read()
+
+    class Served(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(exposition)
+
+        def log_message(self, *args):
+            pass
+
+    exporter = http.server.HTTPServer(("127.0.0.1", 0), Served)
+    threading.Thread(target=exporter.serve_forever, daemon=True).start()
+    servers = [exporter]
+    try:
+        prom_port = alerting(tmp_path, f"127.0.0.1:{exporter.server_port}", servers)
+        for alertname in ("MemhpZoneSpanLeak", "MemhpResourceLeak", "MemhpPagemapLeak"):
+            body = paged(prom_port, alertname)
+            assert body["receiver"] == "pager" and body["alerts"][0]["status"] == "firing"
+            assert body["alerts"][0]["labels"]["severity"] == "critical"
+    finally:
+        for server in servers:
+            if isinstance(server, http.server.HTTPServer):
+                server.shutdown()
+            else:
+                server.terminate()
+                server.wait(timeout=30)
+
+
 def test_the_faults_are_in_the_kernel_views_or_only_in_the_calls(faults_lab):
     """Independent evidence that the module did what it says: the views after each step."""
     results, _ = faults_lab
