@@ -61,8 +61,8 @@ class Observer:
 def observer(request):
     started = []
 
-    def start(*args):
-        started.append(Observer(*args))
+    def start(*args, **kwargs):
+        started.append(Observer(*args, **kwargs))
         return started[-1]
     yield start
     for o in started:

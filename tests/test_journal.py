@@ -14,7 +14,7 @@ import time
 import pytest
 
 from observer.journald import message_id
-from test_daemon import EXE, Observer, free_port, judged
+from test_daemon import EXE, free_port, judged, observer  # noqa: F401 (a fixture)
 
 LEAK = "sys/devices/system/memory/memory199/state"   # an offline block at Normal's end
 
@@ -28,8 +28,8 @@ def anomalies(path, kind="zone_span_leak"):
     return [r for r in lines(path) if r["type"] == "anomaly" and r["kind"] == kind]
 
 
-def start(root, journal):
-    return Observer("--root", str(root), "--reconcile-interval", "0.3", "--journal", str(journal))
+def start(observer, root, journal):
+    return observer("--root", str(root), "--reconcile-interval", "0.3", "--journal", str(journal))
 
 
 def stop(o):
@@ -50,10 +50,10 @@ def settled(o, kind="zone_span_leak", reads=3):
         time.sleep(0.2)
 
 
-def test_a_restart_in_the_same_boot_says_no_open_anomaly_twice(host_copy, tmp_path):
+def test_a_restart_in_the_same_boot_says_no_open_anomaly_twice(observer, host_copy, tmp_path):
     (host_copy / LEAK).write_text("offline\n")
     journal = tmp_path / "anomalies.jsonl"
-    first = start(host_copy, journal)
+    first = start(observer, host_copy, journal)
     settled(first)
     first.proc.send_signal(signal.SIGKILL)          # no chance to flush anything more
     first.proc.wait()
@@ -62,7 +62,7 @@ def test_a_restart_in_the_same_boot_says_no_open_anomaly_twice(host_copy, tmp_pa
     assert reported["boot_id"] == open("/proc/sys/kernel/random/boot_id").read().strip()
     assert (reported["node"], reported["zone"]) == (0, "Normal")
 
-    again = start(host_copy, journal)
+    again = start(observer, host_copy, journal)
     m = settled(again)
     assert m[("memhp_anomalies_active", (("kind", "zone_span_leak"),))] == 1
     err = stop(again)
@@ -71,7 +71,7 @@ def test_a_restart_in_the_same_boot_says_no_open_anomaly_twice(host_copy, tmp_pa
     assert len(anomalies(journal)) == 1
 
     # mended while watched: cleared; made again: a new report
-    third = start(host_copy, journal)
+    third = start(observer, host_copy, journal)
     settled(third)
     (host_copy / LEAK).write_text("online\n")
     settled(third, kind=None)
@@ -84,16 +84,16 @@ def test_a_restart_in_the_same_boot_says_no_open_anomaly_twice(host_copy, tmp_pa
     assert err.count("critical zone_span_leak") == 1
 
 
-def test_a_line_torn_by_a_kill_is_left_alone_and_skipped(host_copy, tmp_path):
+def test_a_line_torn_by_a_kill_is_left_alone_and_skipped(observer, host_copy, tmp_path):
     (host_copy / LEAK).write_text("offline\n")
     journal = tmp_path / "anomalies.jsonl"
-    o = start(host_copy, journal)
+    o = start(observer, host_copy, journal)
     settled(o)
     stop(o)
     whole = journal.read_text()
     torn = '{"type": "anomaly", "id": "0123456789abcdef", "kind": "resource_le'
     journal.write_text(whole + torn)                # what a kill mid-write leaves
-    o = start(host_copy, journal)
+    o = start(observer, host_copy, journal)
     settled(o)
     stop(o)
     text = journal.read_text()
@@ -172,10 +172,11 @@ def replayed(path):
     return subprocess.run([EXE, "replay", str(path)], capture_output=True, text=True, timeout=120)
 
 
-def test_the_record_rotates_and_reopens_and_every_file_replays_on_its_own(host_copy, tmp_path):
+def test_the_record_rotates_and_reopens_and_every_file_replays_on_its_own(observer, host_copy,
+                                                                         tmp_path):
     (host_copy / LEAK).write_text("offline\n")
     trace = tmp_path / "run.jsonl"
-    o = Observer("--root", str(host_copy), "--reconcile-interval", "0.2", "--record", str(trace),
+    o = observer("--root", str(host_copy), "--reconcile-interval", "0.2", "--record", str(trace),
                  "--record-max-bytes", "30000")
     deadline = time.monotonic() + 60
     while not (tmp_path / "run.jsonl.4").exists():

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test_daemon import EXE, Observer
+from test_daemon import EXE, observer  # noqa: F401 (a fixture)
 
 UNIT = os.path.join(os.path.dirname(__file__), "..", "systemd", "memhp-observer.service")
 VENV = os.path.dirname(os.path.dirname(EXE))
@@ -73,10 +73,11 @@ def messages(sock, seconds):
     return out
 
 
-def test_ready_status_watchdog_and_stopping_over_the_notify_socket(notify_socket, host_copy):
+def test_ready_status_watchdog_and_stopping_over_the_notify_socket(observer, notify_socket,
+                                                                  host_copy):
     sock, path = notify_socket
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="1000000")
-    o = Observer("--root", str(host_copy), "--reconcile-interval", "0.5", env=env)
+    o = observer("--root", str(host_copy), "--reconcile-interval", "0.5", env=env)
     said = messages(sock, 3)
     ready = [m for m in said if "READY=1" in m]
     assert len(ready) == 1 and "STATUS=procfs mode (--root); serving /metrics on 127.0.0.1:" in ready[0]
@@ -91,11 +92,11 @@ def test_ready_status_watchdog_and_stopping_over_the_notify_socket(notify_socket
     assert o.proc.wait(timeout=10) == 0
 
 
-def test_the_daemon_runs_with_exactly_the_units_capabilities(tmp_path):
+def test_the_daemon_runs_with_exactly_the_units_capabilities(observer):
     caps = unit_capabilities()
     assert caps == ["CAP_SYS_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_RESOURCE", "CAP_SYSLOG"]
     bounding = "-all," + ",".join("+" + c[4:].lower() for c in caps)
-    o = Observer("--mode", "procfs", argv0=("setpriv", f"--bounding-set={bounding}", "--", EXE))
+    o = observer("--mode", "procfs", argv0=("setpriv", f"--bounding-set={bounding}", "--", EXE))
     # what this machine's root may hold at all (some lack CAP_SYS_RESOURCE in their bounding set)
     available = set(capabilities(os.getpid(), "CapBnd"))
     assert sorted(capabilities(o.proc.pid, "CapEff")) == sorted(set(caps) & available)
