@@ -7,6 +7,7 @@ Reconciles run in a thread of their own: a view that never answers (a hung sysfs
 shows as memhp_reconcile_running_seconds growing and one log line, and never keeps SIGTERM from
 stopping the daemon."""
 
+import bisect
 import logging
 import os
 import signal
@@ -248,6 +249,8 @@ class Daemon:
                 self.writer.close()
             if self.journal:
                 self.journal.close()
+            if self.journald:
+                self.journald.close()
 
     def _take(self, records):
         """Count, record and judge records, in order; the header first, once a read made it."""
@@ -335,9 +338,7 @@ class Daemon:
             self.events[key] = self.events.get(key, 0) + 1
             seconds = (rec.get("duration_ns") or 0) / 1e9
             counts = self.durations.setdefault(rec["fn"], [0] * (len(DURATION_BUCKETS) + 1) + [0.0])
-            bucket = next((i for i, le in enumerate(DURATION_BUCKETS) if seconds <= le),
-                          len(DURATION_BUCKETS))
-            counts[bucket] += 1
+            counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1   # first le >= seconds
             counts[-1] += seconds
         elif kind == "uevent":
             self.uevents[rec["action"]] = self.uevents.get(rec["action"], 0) + 1

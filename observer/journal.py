@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 
+from .rotate import rotate
+
 FORMAT, VERSION = "memhp-journal", 1
 MAX_BYTES = 16 << 20
 KEEP = 4
@@ -48,24 +50,20 @@ class Journal:
     def __init__(self, path, boot, max_bytes=MAX_BYTES, keep=KEEP):
         self.path, self.boot, self.max_bytes, self.keep = path, boot, max_bytes, keep
         self.open_ids = {}     # id -> kind of the standing anomalies reported and not cleared
-        self.torn = 0          # lines that were not whole records (a kill mid-write)
         self.f = None
-        self._read()
-        self._open()
+        self._open(self._read())
 
     def _read(self):
-        """The open anomalies of this boot from the newest file; JournalError when PATH is not
-        a journal (it is never written into)."""
+        """The open anomalies of this boot from the newest file, and what the file holds (b""
+        when there is none); JournalError when PATH is not a journal (never written into)."""
         try:
             with open(self.path, "rb") as f:
-                lines = f.read().split(b"\n")
+                data = f.read()
         except FileNotFoundError:
-            return
+            return b""
         except OSError as e:
             raise JournalError(f"{self.path}: {e.strerror}") from None
-        if lines == [b""]:
-            return
-        for number, raw in enumerate(lines, 1):
+        for number, raw in enumerate(data.split(b"\n"), 1):
             if not raw:
                 continue
             try:
@@ -76,28 +74,24 @@ class Journal:
             if number == 1 and (kind != "journal" or rec.get("format") != FORMAT):
                 raise JournalError(f"{self.path}:1: not a memhp-observer journal: not writing "
                                    f"into it (name another --journal file)")
-            if kind is None:
-                self.torn += 1
-            elif rec.get("boot_id") != self.boot:
-                continue
+            if kind is None or rec.get("boot_id") != self.boot:
+                continue     # a line torn by a kill, or another boot's
             elif kind == "journal":
                 self.open_ids = dict(rec.get("open") or {})
             elif kind == "anomaly" and rec.get("standing"):
                 self.open_ids[rec["id"]] = rec["kind"]
             elif kind == "cleared":
                 self.open_ids.pop(rec["id"], None)
+        return data
 
-    def _open(self):
+    def _open(self, data):
+        """Append to PATH, which held `data`: a new file begins with its journal line."""
         try:
-            new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
             self.f = open(self.path, "ab")
-            if not new:
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":   # a torn last line: end it, so it stays alone
-                        self._write_raw(b"\n")
-            if new:
+            if not data:
                 self._begin()
+            elif not data.endswith(b"\n"):   # a torn last line: end it, so it stays alone
+                self._write_raw(b"\n")
         except OSError as e:
             raise JournalError(f"{self.path}: {e.strerror}") from None
 
@@ -113,18 +107,14 @@ class Journal:
     def _write(self, rec):
         rec = dict(rec, boot_id=self.boot,
                    time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"))
-        line = (json.dumps(rec, sort_keys=False) + "\n").encode()
+        line = (json.dumps(rec) + "\n").encode()
         if rec["type"] != "journal" and self.f.tell() + len(line) > self.max_bytes:
             self._rotate()
         self._write_raw(line)
 
     def _rotate(self):
         self.f.close()
-        for n in range(self.keep - 1, 0, -1):
-            older = f"{self.path}.{n}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{n + 1}")
-        os.replace(self.path, f"{self.path}.1")
+        rotate(self.path, self.keep)
         self.f = open(self.path, "ab")
         self._begin()
         directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
@@ -153,7 +143,7 @@ class Journal:
     def reopen(self):
         """SIGHUP: close and open PATH again (after an outside rotation it is a new file)."""
         self.f.close()
-        self._open()
+        self._open(self._read())
 
     def close(self):
         if self.f is not None:

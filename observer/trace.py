@@ -7,6 +7,8 @@ streams and names the file and line of anything malformed."""
 import json
 import os
 
+from .rotate import rotate
+
 FORMAT, VERSION = "memhp-trace", 1
 TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent", "begun", "skipped")
 # fields every line of a type must carry
@@ -62,14 +64,11 @@ class TraceWriter:
     def reopen(self):
         self.reopen_wanted = True
 
-    def _begin_new_file(self, rotate):
+    def _begin_new_file(self, rotating):
         self.file.close()
-        if rotate:
+        if rotating:
             try:
-                for n in range(self.keep - 1, 0, -1):
-                    if os.path.exists(f"{self.path}.{n}"):
-                        os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-                os.replace(self.path, f"{self.path}.1")
+                rotate(self.path, self.keep)
             except OSError as e:
                 raise TraceWriteError(f"{self.path}: cannot rotate: {e.strerror or e}") from None
         self.file = self._create()
@@ -81,11 +80,11 @@ class TraceWriter:
             self.header = record
         elif record["type"] == "snapshot" and self.header is not None:
             if self.max_bytes and self.size >= self.max_bytes:
-                self._begin_new_file(rotate=True)
+                self._begin_new_file(rotating=True)
             elif self.reopen_wanted:
                 self.reopen_wanted = False
                 if not os.path.exists(self.path):   # moved away (logrotate): a new one
-                    self._begin_new_file(rotate=False)
+                    self._begin_new_file(rotating=False)
         data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         try:
             view = memoryview(data)

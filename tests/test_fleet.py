@@ -43,11 +43,8 @@ class Webhook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def servers():
-    """Processes and HTTP servers a test started, stopped at its end."""
-    started = []
-    yield started
+def stop_servers(started):
+    """Stop the processes and HTTP servers a test started."""
     for server in started:
         if isinstance(server, http.server.HTTPServer):
             server.shutdown()
@@ -57,6 +54,14 @@ def servers():
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+@pytest.fixture
+def servers():
+    """Processes and HTTP servers a test started, stopped at its end."""
+    started = []
+    yield started
+    stop_servers(started)
 
 
 def get(url):

@@ -990,7 +990,7 @@ def test_the_leaks_made_in_the_lab_page_someone(faults_lab, tmp_path):
     pagemap leaks fire and the example Alertmanager route delivers each to the pager."""
     import http.server
     import threading
-    from test_fleet import Webhook, alerting, paged
+    from test_fleet import alerting, paged, stop_servers
     results, summary = faults_lab
     with open(os.path.join(results, summary["metrics"]["bpf"]), "rb") as f:
         exposition = f.read()
@@ -1015,12 +1015,7 @@ def test_the_leaks_made_in_the_lab_page_someone(faults_lab, tmp_path):
             assert body["receiver"] == "pager" and body["alerts"][0]["status"] == "firing"
             assert body["alerts"][0]["labels"]["severity"] == "critical"
     finally:
-        for server in servers:
-            if isinstance(server, http.server.HTTPServer):
-                server.shutdown()
-            else:
-                server.terminate()
-                server.wait(timeout=30)
+        stop_servers(servers)
 
 
 def test_the_faults_are_in_the_kernel_views_or_only_in_the_calls(faults_lab):

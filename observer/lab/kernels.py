@@ -9,7 +9,9 @@ mounts tmpfs over /var/cache inside the guest, which would hide the modules ther
 import glob
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 
 CACHE = os.environ.get("MEMHP_LAB_CACHE", "/opt/memhp-lab")
 DEFAULT_SERIES = "6.1"
@@ -66,8 +68,6 @@ def faults_module(release, cache=CACHE):
     machine's, when it has that gcc; else in a chroot of the userland setup-lab.sh made of the
     kernel's own suite (CACHE/userland/SUITE, holding the kernel's headers package and its
     gcc); else a clear refusal."""
-    import shutil
-    import tempfile
     out = os.path.join(cache, "modules", release)
     ko = os.path.join(out, "memhp_faults.ko")
     sources = [os.path.join(MODULE_SOURCE, n) for n in ("memhp_faults.c", "Kbuild")]

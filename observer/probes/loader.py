@@ -45,25 +45,20 @@ class ProbeStatus:
     symbol: Optional[str] = None  # the kallsyms name attached: the function's own, never a clone
 
 
-def kallsyms_names(path="/proc/kallsyms"):
-    names = set()
+def read_kallsyms(path="/proc/kallsyms", variables=("vmemmap_base",)):
+    """(the names of the kernel's functions, {variable: address} of those asked for) in one
+    pass; a variable kallsyms lacks or whose address it hides (0) is left out."""
+    names, addresses = set(), {}
     with open(path) as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 3 and parts[1] in "tTwW":
+            if len(parts) < 3:
+                continue
+            if parts[1] in "tTwW":
                 names.add(parts[2])
-    return names
-
-
-def kallsyms_address(name, path="/proc/kallsyms"):
-    """The address of a kernel symbol of any kind (a variable too), or 0 when kallsyms lacks it
-    or hides addresses."""
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] == name:
-                return int(parts[0], 16)
-    return 0
+            elif parts[2] in variables and int(parts[0], 16):
+                addresses[parts[2]] = int(parts[0], 16)
+    return names, addresses
 
 
 def _clones(function, names):
@@ -123,7 +118,7 @@ class Probes:
             btf = Btf.load()
         except BtfError as e:
             raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
-        names = kallsyms_names(self.kallsyms)
+        names, self.variables = read_kallsyms(self.kallsyms)
         kprobes = has_kprobes()
         if self.method == "kprobe" and not kprobes:
             raise ProbeError("--probe-method kprobe: this kernel has no kprobes")
@@ -169,7 +164,7 @@ class Probes:
         # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
         return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
                              annotations=annotations,
-                             vmemmap_base=kallsyms_address("vmemmap_base", self.kallsyms))
+                             vmemmap_base=self.variables.get("vmemmap_base", 0))
 
     def start(self):
         """Compile and attach. Returns the status table."""
