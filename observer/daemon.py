@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
-from .journald import SOCKET as JOURNALD_SOCKET, Journald
+from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
 from .metrics import DURATION_BUCKETS, StateCollector
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
@@ -70,6 +70,7 @@ class Daemon:
         self.journal_path = journal
         self.journal = None        # the anomaly journal (--journal), or None
         self.journald = None       # structured entries where journald listens, or None
+        self.stderr_is_journal = False   # then an entry journald took is not logged again
         self.reported = {}         # (kind, severity) -> anomalies this process reported
         self.stop = threading.Event()
         self.reopen = threading.Event()   # SIGHUP: reopen the journal and the record
@@ -141,6 +142,7 @@ class Daemon:
                          "they are the same ones", self.journal_path, len(self.journal.open_ids))
         if os.path.exists(JOURNALD_SOCKET):
             self.journald = Journald()
+            self.stderr_is_journal = stderr_is_journal()
         probes, status = self._attach()
         self.source = LiveSource(self.root, probes, status)
         kernel = snapshot.read_kernel_release(self.root) or "unknown"
@@ -298,9 +300,9 @@ class Daemon:
                 except OSError as e:
                     log.error("journal %s: %s: the anomaly below is only in this log",
                               self.journal_path, e.strerror or e)
-            if self.journald is not None:
-                self.journald.send(a, identity(a))
-            log.warning("%s", anomaly_headline(a))
+            sent = self.journald is not None and self.journald.send(a, identity(a))
+            if not (sent and self.stderr_is_journal):
+                log.warning("%s", anomaly_headline(a))
             key = (a.kind, a.severity)
             self.reported[key] = self.reported.get(key, 0) + 1
         cleared, self.model.cleared = self.model.cleared, []

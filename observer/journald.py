@@ -6,6 +6,7 @@ where no journald runs (no socket), nothing is sent.
 MESSAGE_ID is one UUID per anomaly kind, stable across versions (`journalctl MESSAGE_ID=...`
 finds every zone_span_leak); the other fields are MEMHP_*."""
 
+import os
 import socket
 import struct
 import uuid
@@ -46,6 +47,17 @@ def encode(entry):
         else:
             data += key.encode() + b"=" + value + b"\n"
     return bytes(data)
+
+
+def stderr_is_journal(environ=None, fd=2):
+    """True when systemd connected stderr to the journal ($JOURNAL_STREAM names its device and
+    inode): an anomaly journald took as an entry is then not logged a second time as text."""
+    try:
+        dev, ino = (int(x) for x in (environ or os.environ)["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(fd)
+    except (KeyError, ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 class Journald:

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
-# usage: setup-lab.sh [--series SERIES] [KERNEL_RELEASE]
+# usage: setup-lab.sh [--series SERIES] [--systemd-root] [KERNEL_RELEASE]
 #   SERIES: 6.1 (default, from bookworm), 6.12 (from trixie) or 5.10 (from bullseye)
+#   --systemd-root: the series' userland (below) also boots as a guest's root with systemd as
+#     init, holding systemd, python3 and the observer's Debian dependencies (the service test)
 #   KERNEL_RELEASE: default the series' newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64
 # Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
@@ -11,6 +13,8 @@
 set -euo pipefail
 series=6.1
 if [ "${1:-}" = --series ]; then series=$2; shift 2; fi
+systemd_root=false
+if [ "${1:-}" = --systemd-root ]; then systemd_root=true; shift; fi
 case $series in   # each series from the Debian suite whose own kernel it is
   6.1) suite=bookworm ;; 6.12) suite=trixie ;; 5.10) suite=bullseye ;;
   *) echo "setup-lab: unknown series $series (6.1, 6.12, 5.10)" >&2; exit 1 ;;
@@ -144,11 +148,18 @@ fi
 # (kernels.faults_module). A kernel of this machine's suite gets it here; another suite's kernel
 # gets a userland of its own suite in the cache (debootstrap minbase, then make and the kernel's
 # headers package, which brings that suite's gcc), and the module is built in a chroot of it.
+# With --systemd-root that userland is made on any machine and also holds what a guest booting
+# it as root needs: systemd (init), procps (the unit reloads with kill), python3 with bcc, prometheus_client and psutil, and the
+# headers bcc compiles against; the guest sees this checkout at /opt/memhp-observer.
 autoconf=$kdir/usr/src/linux-headers-$release/include/generated/autoconf.h
 gcc_major=$(( $(sed -n 's/^#define CONFIG_GCC_VERSION \([0-9]*\)$/\1/p' "$autoconf") / 10000 ))
-if [ "${VERSION_CODENAME:-}" = "$suite" ]; then
+userland_packages=(make "linux-headers-$release")
+$systemd_root && userland_packages+=(systemd systemd-sysv procps python3 python3-bpfcc
+                                     python3-prometheus-client python3-psutil)
+if [ "${VERSION_CODENAME:-}" = "$suite" ] && ! $systemd_root; then
   host_install make "gcc-$gcc_major"
 else
+  [ "${VERSION_CODENAME:-}" = "$suite" ] && host_install make "gcc-$gcc_major"
   userland=$cache/userland/$suite
   if [ ! -e "$userland/.complete" ]; then
     host_install debootstrap
@@ -159,17 +170,21 @@ else
       || { say "debootstrap of $suite failed: see $userland.log"; exit 1; }
     touch "$userland/.complete"
   fi
-  if [ ! -d "$userland/usr/src/linux-headers-$release" ]; then
-    say "installing make and linux-headers-$release (gcc-$gcc_major) into the $suite userland"
-    in_userland() { chroot "$userland" env DEBIAN_FRONTEND=noninteractive "$@"; }
+  in_userland() { chroot "$userland" env DEBIAN_FRONTEND=noninteractive "$@"; }
+  missing=()
+  for pkg in "${userland_packages[@]}"; do
+    in_userland dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]} into the $suite userland"
     # the suites the kernel was found in (its security updates too), not debootstrap's one line
-    cp "$conf/sources.list.d/$suite.sources" "$userland/etc/apt/sources.list.d/"
+    cp "${conf:-/etc/apt}/sources.list.d/"*.sources "$userland/etc/apt/sources.list.d/"
     rm -f "$userland/etc/apt/sources.list"
     # an unstable suite's Release file can be past its Valid-Until in the registry's mirror
     in_userland apt-get -o Acquire::Check-Valid-Until=false update -qq
     old_headers=$(in_userland dpkg-query -W -f='${Package}\n' 'linux-headers-*' 2>/dev/null || true)
-    in_userland apt-get install -y -qq --no-install-recommends make "linux-headers-$release" \
-      >> "$userland.log" 2>&1 || { say "installing linux-headers-$release failed: see $userland.log"; exit 1; }
+    in_userland apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+      >> "$userland.log" 2>&1 || { say "installing ${missing[*]} failed: see $userland.log"; exit 1; }
     # headers of a superseded ABI leave, and the downloaded packages: the cache stays bounded
     for pkg in $old_headers; do
       case $pkg in *"${release%-amd64}"-*) ;; *) in_userland apt-get purge -y -qq "$pkg" >> "$userland.log" 2>&1 || true ;; esac
@@ -177,6 +192,7 @@ else
     in_userland apt-get autoremove -y -qq >> "$userland.log" 2>&1 || true
     in_userland apt-get clean
   fi
+  $systemd_root && mkdir -p "$userland/opt/memhp-observer"
 fi
 
 say "kernel $release ready ($(du -sh "$cache" | cut -f1) in $cache)"

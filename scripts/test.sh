@@ -5,7 +5,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 start=$(date +%s)
 bash "$top/scripts/setup.sh" --test-tools
 bash "$top/scripts/setup-lab.sh"                 # Debian 6.1 (bookworm)
-bash "$top/scripts/setup-lab.sh" --series 6.12   # Debian 6.12 (trixie, private apt configuration)
+bash "$top/scripts/setup-lab.sh" --series 6.12 --systemd-root   # Debian 6.12 (trixie, private apt configuration; its userland boots with systemd)
 echo "test: set-up took $(( $(date +%s) - start )) s" >&2
 cd "$top"
 exec .venv/bin/python -m pytest -q "$@"

@@ -46,9 +46,14 @@ def test_systemd_analyze_verifies_the_unit_and_rates_it(tmp_path):
 
 
 def capabilities(pid, field):
-    """Capability names of a /proc/PID/status field, decoded by libcap's capsh."""
+    """Capability names of a /proc/PID/status field."""
     with open(f"/proc/{pid}/status") as f:
-        mask = re.search(rf"^{field}:\s+([0-9a-f]+)$", f.read(), re.M).group(1)
+        return status_capabilities(f.read(), field)
+
+
+def status_capabilities(status, field):
+    """Capability names of a field of /proc/PID/status's text, decoded by libcap's capsh."""
+    mask = re.search(rf"^{field}:\s+([0-9a-f]+)$", status, re.M).group(1)
     decoded = subprocess.run(["capsh", f"--decode={mask}"], capture_output=True, text=True,
                              timeout=10).stdout.strip().split("=", 1)[1]
     return [c.upper() for c in decoded.split(",") if c]

@@ -23,6 +23,11 @@ BOOT_MEMORY = "4G"
 MAX_MEMORY = "8G"       # room for what scenarios hot-add (pc-dimm, virtio-mem)
 PROGRESS_SECONDS = 20   # a long guest command says it is still running this often
 PMEM = "memmap=512M!4G"  # legacy pmem inside the RAM QEMU puts above 4 GiB (nd_e820)
+# A guest with systemd as init boots a userland of the kernel's suite as its root (vng --root),
+# not this machine's: systemd's generators would take this container's /.dockerenv for a
+# container (and ignore the kernel command line), and tmpfiles would walk the machine's /tmp
+TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHECKOUT_IN_GUEST = "/opt/memhp-observer"
 
 
 def _say(msg):
@@ -31,7 +36,7 @@ def _say(msg):
 
 class Guest:
     def __init__(self, results, release=None, append=(), qemu_opts=(), boot_timeout=300,
-                 guest_timeout=2400, progress=_say):
+                 guest_timeout=2400, systemd_root=None, progress=_say):
         self.results = os.path.abspath(results)
         self.release, self.vmlinuz = kernels.find_kernel(release)
         self.vng = kernels.vng_path()
@@ -40,6 +45,7 @@ class Guest:
         self.boot_timeout = boot_timeout
         self.guest_timeout = guest_timeout
         self.say = progress
+        self.systemd_root = systemd_root
         self.proc = None
         self.lock = None
         self.n = 0
@@ -93,9 +99,16 @@ class Guest:
         # Options for QEMU starting with '-' go as one --qemu-opts=... argument.
         cmd = ["timeout", "--kill-after=10", str(self.guest_timeout), self.vng,
                "--run", self.vmlinuz, "--disable-kvm", "--disable-microvm", "--verbose",
-               "--memory", BOOT_MEMORY, "--append", " ".join(append), "--rwdir", self.results,
-               f"--qemu-opts={' '.join(qemu)}", "--",
-               sys.executable, "-m", "observer.lab.agent", self.results]
+               "--memory", BOOT_MEMORY, "--append", " ".join(append),
+               f"--rwdir={self.results}={self.results}", f"--qemu-opts={' '.join(qemu)}"]
+        if self.systemd_root:
+            # the userland's own python runs this checkout, shown read-only where the service
+            # unit expects it
+            cmd += ["--root", self.systemd_root, "--systemd", f"--rodir={CHECKOUT_IN_GUEST}={TOP}",
+                    "--", "env", f"PYTHONPATH={CHECKOUT_IN_GUEST}", "/usr/bin/python3"]
+        else:
+            cmd += ["--", sys.executable]
+        cmd += ["-m", "observer.lab.agent", self.results]
         env = dict(os.environ, PATH=os.path.dirname(self.vng) + ":" + os.environ.get("PATH", ""))
         self.say(f"booting {self.release} under TCG (console: {self.console})")
         began = time.monotonic()

@@ -2,7 +2,8 @@
 
 Layout: CACHE/vng (virtme-ng's venv), CACHE/kernels/RELEASE/{boot,lib,usr} (Debian's image and
 headers packages unpacked with dpkg -x), CACHE/userland/SUITE (a debootstrap'd userland of a
-suite other than this machine's, for its kernels' compiler), CACHE/modules/RELEASE (the fault
+suite other than this machine's, for its kernels' compiler; one also boots as a guest's root
+with systemd as init), CACHE/modules/RELEASE (the fault
 module built for a kernel), CACHE/selftests/SERIES, CACHE/lab.lock. It lives under /opt because virtme-ng
 mounts tmpfs over /var/cache inside the guest, which would hide the modules there."""
 
@@ -57,6 +58,20 @@ def vng_path(cache=CACHE):
     if not os.access(path, os.X_OK):
         raise LabSetupError(f"virtme-ng is not installed in {cache}/vng: run scripts/setup-lab.sh")
     return path
+
+
+def systemd_root(release, cache=CACHE):
+    """The userland a guest of this kernel boots as its root with systemd as init: the one of
+    the kernel's suite that `setup-lab.sh --systemd-root` gave systemd, python3 with bcc and the
+    kernel's headers."""
+    for userland in sorted(glob.glob(os.path.join(cache, "userland", "*"))):
+        if all(os.path.exists(userland + p) for p in (
+                "/sbin/init", f"/usr/src/linux-headers-{release}",
+                "/usr/lib/python3/dist-packages/bcc", "/opt/memhp-observer")):
+            return userland
+    raise LabSetupError(f"no userland in {cache}/userland boots {release} with systemd: run "
+                        f"scripts/setup-lab.sh --series {'.'.join(release.split('.')[:2])} "
+                        f"--systemd-root")
 
 
 MODULE_SOURCE = os.path.join(os.path.dirname(__file__), "module")

@@ -1,0 +1,167 @@
+"""memhp-observer.service under a real systemd: a lab guest boots Debian's 6.12 kernel with its
+suite's userland (trixie, from `setup-lab.sh --systemd-root`) as root and that suite's systemd
+as init, the unit is installed as systemd/README.md says, and what systemd and the kernel show
+is checked: READY with every probe the kernel has attached under the unit's hardening, exactly
+the unit's capabilities, a leak journalled once, a hung daemon (SIGSTOP) killed by the watchdog
+and restarted without saying that leak again, reload, and a clean stop.
+
+The guest sees this checkout read-only at /opt/memhp-observer, where the unit expects it, but
+its venv is this machine's (another Python): a drop-in runs the unit's own command line with
+the userland's python3 instead, and shortens the watchdog to 20 s (and the wait after its
+SIGABRT, which a stopped process cannot take, to 5 s) to keep the boot short."""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import pytest
+
+from observer.journald import message_id
+from observer.lab import kernels
+from observer.lab.guest import CHECKOUT_IN_GUEST, Guest
+from observer.lab.scenarios import FAULTS, OFFLINE_POLICY
+from test_service import UNIT, status_capabilities, unit_capabilities
+
+SERIES = "6.12"
+JOURNAL = "/var/lib/memhp-observer/anomalies.jsonl"
+WATCHDOG_SECONDS = 20
+
+
+def drop_in():
+    with open(UNIT) as f:
+        [command] = re.findall(r"^ExecStart=(.*)$", f.read(), re.M)
+    command = command.replace(f"{CHECKOUT_IN_GUEST}/.venv/bin/memhp-observer",
+                              "/usr/bin/python3 -m observer.cli", 1)
+    return (f"[Service]\nEnvironment=PYTHONPATH={CHECKOUT_IN_GUEST}\nExecStart=\n"
+            f"ExecStart={command}\nWatchdogSec={WATCHDOG_SECONDS}\nTimeoutAbortSec=5\n")
+
+
+def show(guest):
+    out = guest.sh("systemctl show memhp-observer -p ActiveState -p SubState -p StatusText "
+                   "-p MainPID -p NRestarts -p Result -p ExecMainStatus")["out"]
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def until(guest, condition, timeout, what):
+    began = time.monotonic()
+    while guest.sh(condition, check=False)["rc"] != 0:
+        if time.monotonic() - began > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(2)
+
+
+METRICS = ("python3 -c \"import urllib.request; print(urllib.request.urlopen("
+           "'http://127.0.0.1:9477/metrics').read().decode())\"")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    results = str(tmp_path_factory.mktemp("service"))
+    release, _ = kernels.find_kernel(SERIES)
+    root = kernels.systemd_root(release)
+    # the guest sees only its root, this checkout and the results directory
+    shutil.copy(kernels.faults_module(release), results)
+    seen = {}
+    with Guest(results, release=SERIES, systemd_root=root) as guest:
+        guest.sh(f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.service /etc/systemd/system/ && "
+                 f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.env /etc/default/memhp-observer && "
+                 f"mkdir -p /etc/systemd/system/memhp-observer.service.d && "
+                 f"cat > /etc/systemd/system/memhp-observer.service.d/lab.conf << 'EOF'\n"
+                 f"{drop_in()}EOF\nsystemctl daemon-reload")
+        began = time.monotonic()
+        guest.sh("systemctl start memhp-observer", timeout=360)   # returns at READY=1
+        seen["start_seconds"] = round(time.monotonic() - began, 1)
+        seen["started"] = show(guest)
+        seen["status"] = guest.sh(f"cat /proc/{seen['started']['MainPID']}/status")["out"]
+        seen["metrics"] = guest.sh(METRICS)["out"]
+        probed = re.findall(r'^memhp_probe_attached\{function="([^"]+)"', seen["metrics"], re.M)
+        seen["kallsyms"] = guest.sh("awk '{print $3}' /proc/kallsyms | cut -d. -f1 | grep -x -F "
+                                    + " ".join(f"-e {fn}" for fn in probed) + " | sort -u",
+                                    check=False)["out"].split()
+        # a leak that stays: System RAM claimed again over a removed block (the fault module)
+        guest.sh(f"{OFFLINE_POLICY} && insmod {results}/memhp_faults.ko && "
+                 f"echo leak-whole > {FAULTS}")
+        until(guest, f"grep -q '\"kind\": \"resource_leak\"' {JOURNAL}", 120, "the leak journalled")
+        seen["journal_before"] = guest.sh(f"cat {JOURNAL}")["out"]
+        # hung: the main loop stops feeding the watchdog
+        guest.sh(f"kill -STOP {seen['started']['MainPID']}")
+        began = time.monotonic()
+        until(guest, "[ $(systemctl show -p NRestarts --value memhp-observer) = 1 ] && "
+                     "systemctl is-active -q memhp-observer", 300, "restarted and READY again")
+        seen["restart_seconds"] = round(time.monotonic() - began, 1)
+        seen["restarted"] = show(guest)
+        time.sleep(15)   # a reconcile (10 s) of the restarted daemon has judged the leak again
+        seen["journal_after"] = guest.sh(f"cat {JOURNAL}")["out"]
+        seen["unit_log"] = guest.sh("journalctl -u memhp-observer -o cat --no-pager")["out"]
+        seen["journald"] = guest.sh(f"journalctl MESSAGE_ID={message_id('resource_leak')} "
+                                    f"-o json --no-pager")["out"]
+        guest.sh("systemctl reload memhp-observer && sleep 3")
+        seen["reloaded"] = show(guest)
+        guest.sh("systemctl stop memhp-observer", timeout=120)
+        seen["stopped"] = show(guest)
+    with open(os.path.join(results, "seen.json"), "w") as f:
+        json.dump(seen, f, indent=1)
+    print(f"service: READY {seen['start_seconds']} s after start; hung to READY again in "
+          f"{seen['restart_seconds']} s")
+    return seen
+
+
+def test_the_unit_is_ready_with_every_probe_the_kernel_has(service):
+    """READY=1 came (systemctl start returned, the unit is active) with the mode as STATUS, and
+    every probed function the guest kernel has (its /proc/kallsyms) is attached: the unit's
+    hardening refused bcc nothing."""
+    started = service["started"]
+    assert (started["ActiveState"], started["SubState"]) == ("active", "running")
+    attached = re.findall(r'^memhp_probe_attached\{function="([^"]+)",method="[^"]+"\} (\S+)$',
+                          service["metrics"], re.M)
+    have = set(service["kallsyms"])
+    assert attached and {fn for fn, v in attached if float(v) == 1} == \
+        {fn for fn, _ in attached if fn in have}
+    n = sum(fn in have for fn, _ in attached)
+    assert started["StatusText"] == (f"BPF mode: {n} of {len(attached)} functions attached; "
+                                     f"serving /metrics on 127.0.0.1:9477")
+
+
+def test_the_daemon_has_exactly_the_units_capabilities(service):
+    caps = sorted(unit_capabilities())
+    for field in ("CapEff", "CapPrm", "CapBnd", "CapAmb"):
+        assert sorted(status_capabilities(service["status"], field)) == caps, field
+    assert re.search(r"^NoNewPrivs:\s+1$", service["status"], re.M)
+    assert re.search(r"^Seccomp:\s+2$", service["status"], re.M)   # SystemCallArchitectures
+
+
+def journal_records(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_the_watchdog_restarts_a_hung_daemon(service):
+    before, after = service["started"], service["restarted"]
+    assert after["NRestarts"] == "1" and after["MainPID"] != before["MainPID"]
+    assert (after["ActiveState"], after["SubState"]) == ("active", "running")
+    assert after["StatusText"] == before["StatusText"]
+    assert "Watchdog timeout" in service["unit_log"]
+    assert service["restart_seconds"] >= WATCHDOG_SECONDS
+
+
+def test_the_leak_is_said_once_across_the_restart(service):
+    """The restarted daemon finds the leak open in the journal it appends to and says nothing
+    more of it: the journal is as it was, journald has one structured entry, and the unit's
+    log has the leak once (an entry journald took is not logged again as text)."""
+    before = journal_records(service["journal_before"])
+    assert journal_records(service["journal_after"]) == before
+    [leak] = [r for r in before if r.get("type") == "anomaly"]
+    assert (leak["kind"], leak["severity"], leak["standing"]) == ("resource_leak", "critical", True)
+    assert "1 anomalies open from earlier in this boot" in service["unit_log"]
+    entries = [json.loads(line) for line in service["journald"].splitlines() if line.strip()]
+    assert [e["MEMHP_ID"] for e in entries] == [leak["id"]]
+    assert service["unit_log"].count("resource_leak") == 1
+
+
+def test_reload_and_stop(service):
+    reloaded, stopped = service["reloaded"], service["stopped"]
+    assert (reloaded["ActiveState"], reloaded["NRestarts"]) == ("active", "1")
+    assert reloaded["MainPID"] == service["restarted"]["MainPID"]
+    assert (stopped["ActiveState"], stopped["Result"], stopped["ExecMainStatus"]) == \
+        ("inactive", "success", "0")
