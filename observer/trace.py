@@ -1,7 +1,7 @@
 """Trace format v1 (DESIGN.md §4): JSON Lines, every line an object with a `type`: header,
 event, snapshot, anomaly, lost, uevent (memory blocks, from netlink), begun (a call still running
-when later calls were released: its event follows later with the same seq) and skipped (a call
-number with no event: lost). The writer puts out every line whole as it is written; the reader
+when later calls were released: its event follows later with the same seq) and skipped (call
+numbers with no event: lost; `count` consecutive numbers from `seq`, 1 when absent). The writer puts out every line whole as it is written; the reader
 streams and names the file and line of anything malformed."""
 
 import json

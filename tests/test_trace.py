@@ -8,7 +8,8 @@ import random
 import pytest
 
 from conftest import FIXTURES
-from observer.probes.order import CallOrder
+from observer.model.model import Model
+from observer.probes.order import LOST, CallOrder
 from observer.trace import TraceError, TraceWriter, read_trace
 
 TRACE = f"{FIXTURES}/lab-6.1/trace.jsonl"
@@ -98,9 +99,32 @@ def test_a_lost_event_is_written_as_skipped_after_the_wait():
     assert out == before
     assert order.expire(now=0.5) == []
     out += order.expire(now=2)
-    assert out == before + [{"type": "skipped", "seq": lost["seq"],
+    assert out == before + [{"type": "skipped", "seq": lost["seq"], "count": 1,
                              "reason": "no event and no call in flight (lost)"}] + after
     assert order.skipped == 1
+
+
+def test_a_storm_of_lost_events_is_one_record_per_run():
+    # every call of a recorded trace lost but one still running: one skipped record for the
+    # numbers before it, its begun, one for those after; the map of calls read once
+    emitted = calls_as_emitted()
+    last = emitted[-1]
+    running_seq = emitted[len(emitted) // 2]["seq"]
+    running = {running_seq: {"seq": running_seq, "fn": "offline_pages"}}
+    reads = []
+    order = CallOrder(wait_seconds=1, in_flight=lambda: reads.append(1) or running)
+    assert order.feed(last, now=0) == []
+    out = order.expire(now=2)
+    assert out == [{"type": "skipped", "seq": 0, "count": running_seq, "reason": LOST},
+                   {"seq": running_seq, "fn": "offline_pages", "type": "begun"},
+                   {"type": "skipped", "seq": running_seq + 1,
+                    "count": last["seq"] - running_seq - 1, "reason": LOST}] + \
+        ([last] if last["type"] == "event" else [])
+    assert order.skipped == last["seq"] - 1 and len(reads) == 1
+    model = Model()
+    said = [a for r in [next(read_trace(TRACE))] + out[:1] for a in model.feed(r)]
+    assert [a.kind for a in said] == ["events_lost"]
+    assert said[0].message.startswith(f"call seq 0 and the {running_seq - 1} after it without event")
 
 
 def test_a_slow_outer_call_holds_nothing_up_and_keeps_its_place():
@@ -112,7 +136,7 @@ def test_a_slow_outer_call_holds_nothing_up_and_keeps_its_place():
               and e["ts_ns"] < outer["ts_ns"] + outer["duration_ns"]]
     assert inside and all(e["seq"] == outer["seq"] + 1 + i for i, e in enumerate(inside))
     running = {outer["seq"]: {k: v for k, v in outer.items() if k not in ("ret", "duration_ns")}}
-    order = CallOrder(wait_seconds=1, in_flight=running.get)
+    order = CallOrder(wait_seconds=1, in_flight=lambda: running)
     order.next_seq = outer["seq"]
     out = []
     for e in inside:
@@ -134,7 +158,7 @@ def test_a_read_of_the_views_gets_a_running_call_at_once():
     inside = [e for e in events if e["seq"] > outer["seq"] and e["tid"] == outer["tid"]
               and e["ts_ns"] < outer["ts_ns"] + outer["duration_ns"]]
     running = {outer["seq"]: {k: v for k, v in outer.items() if k not in ("ret", "duration_ns")}}
-    order = CallOrder(wait_seconds=60, in_flight=running.get)
+    order = CallOrder(wait_seconds=60, in_flight=lambda: running)
     order.next_seq = outer["seq"]
     for e in inside:
         assert order.feed(e, now=0) == []

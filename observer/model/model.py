@@ -397,7 +397,8 @@ class Model:
         self.expected = None
         count = rec.get("count", 1)
         what = f"{count} event(s) dropped by the BPF buffer" if rec["type"] == "lost" else \
-            f"call seq {rec['seq']} has no event ({rec.get('reason', 'lost')})"
+            f"call seq {rec['seq']}" + (f" and the {count - 1} after it" if count > 1 else "") + \
+            f" without event ({rec.get('reason', 'lost')})"
         return [Anomaly("events_lost", ts_ns=rec.get("ts_ns") or 0,
                         message=f"{what}: the model resyncs from the next settled snapshot",
                         evidence=[str({k: v for k, v in rec.items() if k != "type"})])]

@@ -265,15 +265,15 @@ class Probes:
         frames = self.ksyms.names_of(ev.stack[:max(0, ev.stack_bytes) // 8])
         return decode(ev, shape, self.layouts, self.page_size, frames)
 
-    def _in_flight(self, seq):
-        """The entry half of call `seq` if it is still running (in the map of calls in flight)."""
+    def _in_flight(self):
+        """The entry halves of the calls still running, by seq (one read of their map)."""
+        running = {}
         for _key, ev in self.bpf[b"inflight"].items():
-            if ev.seq == seq:
-                begun = self._decode(ev)
-                for returned in ("ret", "duration_ns", "span_after", "pgmap"):
-                    begun.pop(returned, None)
-                return begun
-        return None
+            begun = self._decode(ev)
+            for returned in ("ret", "duration_ns", "span_after", "pgmap"):
+                begun.pop(returned, None)
+            running[ev.seq] = begun
+        return running
 
     def calls_begun(self):
         """How many calls have taken a number: every call numbered below it entered before now."""

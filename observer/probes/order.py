@@ -5,19 +5,23 @@ which the kernel made the calls. Pure: events in, records out.
 
 A call can run for long (memunmap_pages waiting for page references, offline_pages migrating, a
 large DIMM onlined): everything after it would wait for its return. So when the next number has
-not come for `wait_seconds`, the caller is asked what became of it (`in_flight(seq)`: the
-entry half of a call still running, read from the BPF map of calls in flight), and the trace
-says so at that place: a `begun` record for a call in flight, whose event then comes later with
-the same seq, or a `skipped` record for a number with neither event nor call (a lost event).
-Order is kept, nothing waits long, nothing is dropped silently."""
+not come for `wait_seconds`, the caller is asked what became of the numbers missing
+(`in_flight()`: the entry halves of the calls still running, one read of the BPF map of calls
+in flight), and the trace says so at that place: a `begun` record for a call in flight, whose
+event then comes later with the same seq, or one `skipped` record for each run of consecutive
+numbers with neither event nor call (lost events: its `count` says how many). Order is kept,
+nothing waits long, nothing is dropped silently, and a storm that loses many events costs one
+record per run, not one per number."""
+
+LOST = "no event and no call in flight (lost)"
 
 
 class CallOrder:
-    def __init__(self, wait_seconds=1.0, in_flight=lambda seq: None):
+    def __init__(self, wait_seconds=1.0, in_flight=dict):
         self.next_seq = 0           # the counter starts at 0 when the program loads
         self.pending = {}           # seq -> (event, arrival time)
         self.wait_seconds = wait_seconds
-        self.in_flight = in_flight  # seq -> the entry half of a running call (a dict), or None
+        self.in_flight = in_flight  # () -> {seq: the entry half of a running call (a dict)}
         self.begun = set()          # seqs written as `begun`, whose events are still to come
         self.skipped = 0            # numbers written as `skipped`
 
@@ -43,17 +47,21 @@ class CallOrder:
     def expire(self, now):
         """Records for the numbers the waiting events have waited for too long."""
         out = []
+        running = None
         while self.pending and min(t for _, t in self.pending.values()) < now - self.wait_seconds:
-            for seq in range(self.next_seq, min(self.pending)):
-                call = self.in_flight(seq)
-                if call is not None:
-                    out.append(dict(call, type="begun"))
+            if running is None:
+                running = self.in_flight()
+            first, end = self.next_seq, min(self.pending)
+            for seq in sorted(s for s in running if first <= s < end) + [end]:
+                if seq > first:
+                    out.append({"type": "skipped", "seq": first, "count": seq - first,
+                                "reason": LOST})
+                    self.skipped += seq - first
+                if seq < end:
+                    out.append(dict(running[seq], type="begun"))
                     self.begun.add(seq)
-                else:
-                    out.append({"type": "skipped", "seq": seq,
-                                "reason": "no event and no call in flight (lost)"})
-                    self.skipped += 1
-            self.next_seq = min(self.pending)
+                first = seq + 1
+            self.next_seq = end
             out += self._release()
         return out
 
@@ -62,9 +70,12 @@ class CallOrder:
         held here or a call still running (written `begun`); stops at a number that is neither
         (its event may still be on its way, or lost: expire decides)."""
         out = []
+        running = None
         while self.next_seq < upto:
             if self.next_seq not in self.pending:
-                call = self.in_flight(self.next_seq)
+                if running is None:
+                    running = self.in_flight()
+                call = running.get(self.next_seq)
                 if call is None:
                     break
                 out.append(dict(call, type="begun"))
