@@ -112,9 +112,13 @@ def cmd_run(args):
     from . import daemon
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
+    if args.strict and (args.mode == "procfs" or args.root != "/"):
+        print("memhp-observer run: --strict needs the probes: not with --mode procfs or --root",
+              file=sys.stderr)
+        return 2
     return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
                       record=args.record, journal=args.journal,
-                      record_max_bytes=args.record_max_bytes)
+                      record_max_bytes=args.record_max_bytes, strict=args.strict)
 
 
 def cmd_lab(args):
@@ -185,6 +189,10 @@ def cmd_record(args):
     from .record import record
     from .trace import TraceWriteError
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
+    if args.strict and args.mode == "procfs":
+        print("memhp-observer record: --strict needs the probes: not with --mode procfs",
+              file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -318,6 +326,8 @@ def build_parser():
                    help="append every anomaly reported to this JSON Lines journal, fsynced per "
                         "record, rotated at 16 MiB (FILE.1 .. FILE.4); a restart in the same "
                         "boot says no open anomaly twice; SIGHUP reopens it")
+    r.add_argument("--strict", action="store_true",
+                   help="exit 1 unless every core probe attaches (no procfs mode)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
 

@@ -61,10 +61,11 @@ def _result(event):
 
 class Daemon:
     def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None,
-                 record_max_bytes=None):
+                 record_max_bytes=None, strict=False):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
+        self.strict = strict       # no start unless every core probe attaches
         self.record = record       # a trace file of everything the model was fed, or None
         self.record_max_bytes = record_max_bytes or RECORD_MAX_BYTES
         self.journal_path = journal
@@ -102,21 +103,22 @@ class Daemon:
         if self.mode == "procfs" or self.root != "/":
             self._say_mode(f"procfs mode ({'--mode procfs' if self.mode == 'procfs' else '--root'})")
             return None, {}
+        required = "--mode bpf" if self.mode == "bpf" else "--strict" if self.strict else None
         lacking = missing_privilege()
         if lacking:
-            if self.mode == "bpf":
-                raise ProbeError(f"--mode bpf: {lacking}")
+            if required:
+                raise ProbeError(f"{required}: {lacking}")
             self._say_mode(f"BPF off: {lacking}: procfs mode")
             return None, {}
         if not has_kprobes():
             loaded, why = try_fentry(timeout=60)
             if not loaded:
                 reason = f"no kprobes in this kernel; fentry {why}"
-                if self.mode == "bpf":
-                    raise ProbeError(f"--mode bpf: {reason}")
+                if required:
+                    raise ProbeError(f"{required}: {reason}")
                 self._say_mode(f"BPF off: {reason}: procfs mode")
                 return None, {}
-        probes, status = attach(self.mode)   # says itself why, when nothing attaches
+        probes, status = attach(self.mode, self.strict)   # says itself why, when nothing attaches
         if probes is None:
             self.mode_said = "procfs mode: no probe attached"
             return None, {}
@@ -349,10 +351,11 @@ class Daemon:
 
 
 def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None,
-        record_max_bytes=None):
+        record_max_bytes=None, strict=False):
     """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
-    cannot attach, or the --record or --journal file cannot be made."""
-    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes)
+    cannot attach, --strict misses a core probe, or the --record or --journal file cannot be
+    made."""
+    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes, strict)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     signal.signal(signal.SIGHUP, lambda *_: daemon.reopen.set())

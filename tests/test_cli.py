@@ -91,6 +91,34 @@ NO_BTF = ("import sys; from observer.probes import btf; "
           "from observer.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
+# a machine without the kernel's headers (no /lib/modules/RELEASE/build)
+NO_HEADERS = ("import sys; from observer.probes import availability, loader; "
+              "availability.headers_dir = loader.headers_dir = lambda: '/nonexistent/build'; "
+              "from observer.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("patch, said", [
+    (NO_HEADERS, "memhp-observer: BPF off: no kernel headers at /nonexistent/build: install "
+                 "linux-headers-"),
+    (NO_BTF, "memhp-observer: BPF off: no kernel BTF (/sys/kernel/btf/vmlinux: No such file or "
+             "directory): probe shapes come from BTF: procfs mode"),
+])
+def test_without_headers_or_btf_record_degrades_and_strict_refuses(tmp_path, patch, said):
+    """Each missing capability is one line: procfs mode in the trace's header, or with --strict
+    exit 1 and no file."""
+    out = subprocess.run([sys.executable, "-c", patch, "record", "-o", str(tmp_path / "t.jsonl"),
+                          "--duration", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr.splitlines()[0].startswith(said), out.stderr
+    from observer.trace import read_trace
+    assert next(read_trace(str(tmp_path / "t.jsonl")))["mode"] == "procfs"
+    strict = subprocess.run([sys.executable, "-c", patch, "record", "--strict", "-o",
+                             str(tmp_path / "s.jsonl"), "--duration", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert strict.returncode == 1 and not (tmp_path / "s.jsonl").exists()
+    [line] = strict.stderr.splitlines()
+    assert line.startswith("memhp-observer record: --strict: ") and said.split(": ")[2] in line
+
+
 @pytest.mark.parametrize("mode, said", [
     ("procfs", None),
     ("auto", "BPF off: no kernel BTF (/sys/kernel/btf/vmlinux: No such file or directory)"),

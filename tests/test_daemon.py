@@ -235,6 +235,29 @@ def test_port_in_use_is_one_line_and_nonzero(observer):
     assert first.stop()[0] == 0
 
 
+def test_strict_makes_a_missing_core_probe_fatal(tmp_path):
+    """This machine's kernel has no kprobes (no kprobe PMU, no kprobe_events) and refuses
+    fentry: plain `run` serves in procfs mode, `run --strict` and `record --strict` exit 1 in one
+    line (record leaves no file); --strict with --mode procfs is a usage error."""
+    assert not any(os.path.exists(p) for p in ("/sys/bus/event_source/devices/kprobe",
+                                                "/sys/kernel/tracing/kprobe_events"))
+    run = subprocess.run([EXE, "run", "--strict", "--listen", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "memhp-observer: --strict: no kprobes in this kernel; fentry ")
+    out = tmp_path / "t.jsonl"
+    record = subprocess.run([EXE, "record", "--strict", "-o", str(out), "--duration", "1"],
+                            capture_output=True, text=True, timeout=180)
+    assert record.returncode == 1 and not out.exists(), record.stderr
+    [line] = [ln for ln in record.stderr.splitlines() if ln.startswith("memhp-observer record:")]
+    assert line.startswith("memhp-observer record: --strict: ") and "Traceback" not in record.stderr
+    for verb in (["run"], ["record", "-o", str(out)]):
+        usage = subprocess.run([EXE, *verb, "--strict", "--mode", "procfs"], capture_output=True,
+                               text=True, timeout=60)
+        assert usage.returncode == 2 and "--strict needs the probes" in usage.stderr
+
+
 def test_bad_listen_address_is_a_usage_error():
     out = subprocess.run([EXE, "run", "--listen", "localhost"], capture_output=True, text=True)
     assert out.returncode == 2 and "expected HOST:PORT" in out.stderr

@@ -8,7 +8,11 @@ and restarted without saying that leak again, reload, and a clean stop.
 The guest sees this checkout read-only at /opt/memhp-observer, where the unit expects it, but
 its venv is this machine's (another Python): a drop-in runs the unit's own command line with
 the userland's python3 instead, and shortens the watchdog to 20 s (and the wait after its
-SIGABRT, which a stopped process cannot take, to 5 s) to keep the boot short."""
+SIGABRT, which a stopped process cannot take, to 5 s) to keep the boot short.
+
+Then an event storm (Movable blocks offlined and onlined again and again) with the daemon
+killed (SIGKILL) in the middle of it: systemd restarts it, it takes its state from the kernel's
+views again, says nothing false of the storm and nothing twice of the leak."""
 
 import json
 import os
@@ -21,7 +25,7 @@ import pytest
 from observer.journald import message_id
 from observer.lab import kernels
 from observer.lab.guest import CHECKOUT_IN_GUEST, Guest
-from observer.lab.scenarios import FAULTS, OFFLINE_POLICY
+from observer.lab.scenarios import FAULTS, GUEST_APPEND, MEM, OFFLINE_POLICY
 from test_service import UNIT, status_capabilities, unit_capabilities
 
 SERIES = "6.12"
@@ -64,7 +68,7 @@ def service(tmp_path_factory):
     # the guest sees only its root, this checkout and the results directory
     shutil.copy(kernels.faults_module(release), results)
     seen = {}
-    with Guest(results, release=SERIES, systemd_root=root) as guest:
+    with Guest(results, release=SERIES, systemd_root=root, append=GUEST_APPEND) as guest:
         guest.sh(f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.service /etc/systemd/system/ && "
                  f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.env /etc/default/memhp-observer && "
                  f"mkdir -p /etc/systemd/system/memhp-observer.service.d && "
@@ -99,6 +103,7 @@ def service(tmp_path_factory):
                                     f"-o json --no-pager")["out"]
         guest.sh("systemctl reload memhp-observer && sleep 3")
         seen["reloaded"] = show(guest)
+        storm(guest, seen)
         guest.sh("systemctl stop memhp-observer", timeout=120)
         seen["stopped"] = show(guest)
     with open(os.path.join(results, "seen.json"), "w") as f:
@@ -106,6 +111,36 @@ def service(tmp_path_factory):
     print(f"service: READY {seen['start_seconds']} s after start; hung to READY again in "
           f"{seen['restart_seconds']} s")
     return seen
+
+
+STORM_ROUNDS = 8
+# boot Movable's blocks but its top one (memblock's reserved pages sit there: it never goes)
+MOVABLE = (f"grep -l Movable {MEM}/memory*/valid_zones | sed 's|.*/memory\\([0-9]*\\)/.*|\\1|' "
+           f"| sort -n | head -n -1 | head -4")
+
+
+def storm(guest, seen):
+    """Movable blocks offlined and onlined STORM_ROUNDS times; SIGKILL to the daemon while it
+    goes on; then, once systemd has restarted it and the storm is over, what it says."""
+    blocks = guest.sh(MOVABLE)["out"].split()
+    assert blocks
+    done = f"{guest.results}/storm.done"
+    guest.sh(f"(for i in $(seq {STORM_ROUNDS}); do for b in {' '.join(blocks)}; do "
+             f"echo offline > {MEM}/memory$b/state; echo online_movable > {MEM}/memory$b/state; "
+             f"done; done > /dev/null 2>&1; touch {done}) > /dev/null 2>&1 &")
+    time.sleep(5)
+    seen["storm_killed_while"] = guest.sh(f"[ -e {done} ] && echo over || echo going")["out"].strip()
+    guest.sh("systemctl kill -s SIGKILL memhp-observer")
+    until(guest, "[ $(systemctl show -p NRestarts --value memhp-observer) = 2 ] && "
+                 "systemctl is-active -q memhp-observer", 300, "restarted after SIGKILL")
+    until(guest, f"[ -e {done} ]", 300, "the storm over")
+    time.sleep(25)   # two reconciles (10 s) after the storm
+    seen["storm_blocks"] = blocks
+    seen["storm_journal"] = guest.sh(f"cat {JOURNAL}")["out"]
+    seen["storm_metrics"] = guest.sh(METRICS)["out"]
+    seen["storm_online"] = int(guest.sh(f"grep -l '^online' {MEM}/memory*/state | wc -l")["out"])
+    seen["storm_zoneinfo"] = guest.sh("cat /proc/zoneinfo")["out"]
+    seen["storm_unit_log"] = guest.sh("journalctl -u memhp-observer -o cat --no-pager")["out"]
 
 
 def test_the_unit_is_ready_with_every_probe_the_kernel_has(service):
@@ -165,3 +200,32 @@ def test_reload_and_stop(service):
     assert reloaded["MainPID"] == service["restarted"]["MainPID"]
     assert (stopped["ActiveState"], stopped["Result"], stopped["ExecMainStatus"]) == \
         ("inactive", "success", "0")
+
+
+def sample(metrics, name, **labels):
+    """Sum of a metric's samples whose labels include these."""
+    total = 0.0
+    for m in re.finditer(rf"^{name}(?:\{{([^}}]*)\}})? (\S+)$", metrics, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_a_kill_in_an_event_storm_loses_nothing_and_says_nothing_twice(service):
+    """SIGKILL while blocks go offline and online: systemd restarts the daemon, which takes the
+    kernel's views as its state (its metrics equal sysfs and /proc/zoneinfo after the storm),
+    says nothing of the storm above info (healthy hotplug) and keeps the leak open, unsaid."""
+    assert service["storm_killed_while"] == "going"
+    assert "status=9/KILL" in service["storm_unit_log"]
+    records = journal_records(service["storm_journal"])
+    before = journal_records(service["journal_before"])
+    assert records[:len(before)] == before
+    assert [r for r in records if r.get("type") == "anomaly" and r["severity"] != "info"] == \
+        [r for r in before if r.get("type") == "anomaly"]
+    metrics = service["storm_metrics"]
+    assert sample(metrics, "memhp_memory_blocks", state="online") == service["storm_online"]
+    movable = re.search(r"zone\s+Movable\n(?:.*\n)*?\s+present\s+(\d+)", service["storm_zoneinfo"])
+    assert sample(metrics, "memhp_zone_present_pages", zone="Movable") == int(movable.group(1))
+    assert sample(metrics, "memhp_anomalies_active", kind="resource_leak") == 1
+    assert sample(metrics, "memhp_anomalies_total", kind="resource_leak") == 0

@@ -321,7 +321,8 @@ class Probes:
 def attach(mode, strict=False, method="auto"):
     """(Probes with at least one function attached, or None; the status of every function) for
     `record` and `run`. mode "auto": when nothing attaches, the reason is logged once and the
-    caller goes on in procfs mode; mode "bpf": ProbeError instead."""
+    caller goes on in procfs mode; mode "bpf": ProbeError instead; strict: ProbeError unless
+    every core function attaches."""
     probes = Probes(strict=strict, method=method)
     try:
         status = probes.start()
@@ -329,6 +330,8 @@ def attach(mode, strict=False, method="auto"):
         probes.close()
         if mode == "bpf":
             raise
+        if strict:
+            raise ProbeError(f"--strict: {e}") from None
         log.info("BPF off: %s: procfs mode", e)
         return None, probes.status
     if any(st.attached for st in status.values()):
