@@ -2,6 +2,7 @@
 when a block device is registered/unregistered (hot-add, hot-remove), online/offline when a
 block changes state. What procfs mode sees between snapshots when no probe can attach."""
 
+import errno
 import re
 import select
 import socket
@@ -30,6 +31,9 @@ class UeventListener:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
         self.sock.bind((0, 1))      # group 1: the kernel's broadcasts
         self.sock.setblocking(False)
+        # room for a storm of onlines and offlines (the kernel caps it at net.core.rmem_max)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.overflows = 0          # times the kernel dropped uevents on a full socket
 
     def poll(self, timeout):
         out = []
@@ -39,6 +43,13 @@ class UeventListener:
                 message = self.sock.recv(65536)
             except BlockingIOError:
                 break
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                # the socket was full and the kernel dropped uevents: the views, read at the
+                # next reconcile, say what they would have said
+                self.overflows += 1
+                continue
             rec = parse(message)
             if rec:
                 rec["ts_ns"] = time.monotonic_ns()
