@@ -33,7 +33,6 @@ class UeventListener:
         self.sock.setblocking(False)
         # room for a storm of onlines and offlines (the kernel caps it at net.core.rmem_max)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.overflows = 0          # times the kernel dropped uevents on a full socket
 
     def poll(self, timeout):
         out = []
@@ -48,7 +47,6 @@ class UeventListener:
                     raise
                 # the socket was full and the kernel dropped uevents: the views, read at the
                 # next reconcile, say what they would have said
-                self.overflows += 1
                 continue
             rec = parse(message)
             if rec:
