@@ -49,18 +49,24 @@ static __always_inline u64 plain(u64 addr) {
     return copy;
 }
 
-static __always_inline void begin(void *ctx, struct event *e, u32 fn) {
+@TAKE_SEQ@
+
+// Fills the entry half of an event; nonzero when no call number could be taken (the call is
+// then left out and counted lost).
+static __always_inline int begin(void *ctx, struct event *e, u32 fn) {
     int k = 0;
     u64 *seq = counters.lookup(&k);
     u64 id = bpf_get_current_pid_tgid();
+    if (!seq || take_seq(seq, &e->seq))
+        return -1;
     e->fn = fn;
-    e->seq = seq ? __sync_fetch_and_add(seq, 1) : 0;
     e->ts_ns = bpf_ktime_get_ns();
     e->pid = id >> 32;
     e->tid = (u32)id;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     // the kernel stack at entry, innermost first: who asked (the origin) is in it
     e->stack_bytes = bpf_get_stack(ctx, e->stack, sizeof(e->stack), 0);
+    return 0;
 }
 
 static __always_inline void read_zone(struct event *e, int after) {

@@ -130,6 +130,14 @@ def cmd_lab(args):
         for s in SCENARIOS.values():
             print(f"{s.name:<14} {s.what}" + (" (own boot: name it)" if s.boots_alone else ""))
         return 0
+    if args.fidelity:
+        from .lab import fidelity
+        try:
+            sys.stdout.write(fidelity.table(args.fidelity))
+        except fidelity.NotResults as e:
+            print(f"memhp-observer lab: {e}", file=sys.stderr)
+            return 1
+        return 0
     names = args.scenario or default_scenarios()
     try:
         summary = session.run(args.results, names, release=args.kernel)
@@ -379,6 +387,9 @@ def build_parser():
                      help="run this scenario (repeatable; default: all but those that need a "
                           "boot of their own, in one boot)")
     lab.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    lab.add_argument("--fidelity", nargs="+", metavar="RESULTS",
+                     help="print the kernel fidelity table (Markdown) of these lab results "
+                          "directories and exit")
     lab.set_defaults(func=cmd_lab)
 
     c = sub.add_parser("capture", help="copy the kernel views into a new or empty directory "

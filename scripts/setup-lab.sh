@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Lab set-up (called by scripts/test.sh; idempotent, seconds when all is there). Runs as root.
 # usage: setup-lab.sh [--series SERIES] [--systemd-root] [KERNEL_RELEASE]
-#   SERIES: 6.1 (default, from bookworm), 6.12 (from trixie) or 5.10 (from bullseye)
+#   SERIES: 6.1 (default, from bookworm), 6.12 (from trixie), 5.10 (from bullseye) or 7.2 (from
+#     unstable)
 #   --systemd-root: the series' userland (below) also boots as a guest's root with systemd as
 #     init, holding systemd, python3 and the observer's Debian dependencies (the service test)
-#   KERNEL_RELEASE: default the series' newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64
+#   KERNEL_RELEASE: default the series' newest, e.g. 6.1.0-57-amd64, 6.12.118+deb13-amd64,
+#     7.2.13+deb14-amd64
 # Installs qemu-system-x86, busybox-static, ndctl, daxctl, kmod, bc (the selftest uses it); puts virtme-ng and the guest
 # kernel (Debian's image and headers packages, unpacked) in one cache directory, and links the
 # kernel's modules into /lib/modules/RELEASE so the guest, which shares this root, finds them.
-# For the fault module: make and the kernel's gcc here, or, for a kernel of another suite, a
+# For the lab's test modules: make and the kernel's gcc here, or, for a kernel of another suite, a
 # debootstrap'd userland of that suite in the cache with make and the kernel's headers.
 set -euo pipefail
 series=6.1
@@ -16,8 +18,8 @@ if [ "${1:-}" = --series ]; then series=$2; shift 2; fi
 systemd_root=false
 if [ "${1:-}" = --systemd-root ]; then systemd_root=true; shift; fi
 case $series in   # each series from the Debian suite whose own kernel it is
-  6.1) suite=bookworm ;; 6.12) suite=trixie ;; 5.10) suite=bullseye ;;
-  *) echo "setup-lab: unknown series $series (6.1, 6.12, 5.10)" >&2; exit 1 ;;
+  6.1) suite=bookworm ;; 6.12) suite=trixie ;; 5.10) suite=bullseye ;; 7.2) suite=unstable ;;
+  *) echo "setup-lab: unknown series $series (6.1, 6.12, 5.10, 7.2)" >&2; exit 1 ;;
 esac
 cache=${MEMHP_LAB_CACHE:-/opt/memhp-lab}   # not under /var/cache: virtme-ng hides that in the guest
 min_free_mb=3072
@@ -66,8 +68,26 @@ if [ "${VERSION_CODENAME:-}" != "$suite" ]; then
     mkdir -p "$conf/sources.list.d" "$conf/lists/partial"
     src=/etc/apt/sources.list.d/debian.sources
     [ -e "$src" ] || { say "no $src to derive $suite's sources from"; exit 1; }
-    sed -E "/^Suites:/s/\b${VERSION_CODENAME}\b/${suite}/g" "$src" > "$conf/sources.list.d/$suite.sources"
+    # this machine's suites renamed (bookworm-updates -> trixie-updates); unstable has neither
+    # -updates nor -security, so a stanza left with no suite goes
+    awk -v from="$VERSION_CODENAME" -v to="$suite" 'BEGIN { RS = ""; ORS = "\n\n" }
+      { out = ""; keep = 1; n = split($0, line, "\n")
+        for (i = 1; i <= n; i++) {
+          if (line[i] ~ /^Suites:/) {
+            m = split(substr(line[i], 8), names, " "); line[i] = "Suites:"; kept = 0
+            for (j = 1; j <= m; j++) {
+              name = names[j]; sub("^" from, to, name)
+              if (to == "unstable" && name != to) continue
+              line[i] = line[i] " " name; kept++
+            }
+            if (!kept) keep = 0
+          }
+          out = out (i > 1 ? "\n" : "") line[i]
+        }
+        if (keep) print out }' "$src" > "$conf/sources.list.d/$suite.sources"
   fi
+  # the registry's unstable Release file can be past its Valid-Until
+  [ "$suite" != unstable ] || apt_opts+=(-o Acquire::Check-Valid-Until=false)
 fi
 [ -z "${conf:-}" ] || [ -e "$apt_stamp" ] || say "apt update for $suite (private configuration in $conf)"
 apt_fresh "$apt_stamp" "${apt_opts[@]}"
@@ -88,10 +108,15 @@ kdir=$cache/kernels/$release
 if [ ! -e "$kdir/.complete" ]; then
   say "fetching Debian kernel $release into $kdir"
   rm -rf "$kdir" && mkdir -p "$kdir/debs"
-  common=$(apt-cache "${apt_opts[@]}" depends "linux-headers-$release" 2>/dev/null \
-           | awk '/Depends: linux-headers-.*-common/{print $2; exit}')
+  # the headers' -common package; from 7.x the image package is empty and depends on
+  # linux-binary-RELEASE (the vmlinuz, in usr/lib/modules/RELEASE), linux-modules-RELEASE and
+  # linux-base-RELEASE (modules.builtin, without which modprobe misses built-in modules)
+  parts=$(apt-cache "${apt_opts[@]}" depends "linux-image-$release" "linux-headers-$release" 2>/dev/null \
+          | awk -v r="$release" '$1 == "Depends:" && ($2 ~ /^linux-headers-.*-common$/ ||
+                $2 == "linux-binary-" r || $2 == "linux-modules-" r || $2 == "linux-base-" r) {print $2}' \
+          | sort -u)
   (cd "$kdir/debs" && apt-get "${apt_opts[@]}" download -qq "linux-image-$release" \
-     "linux-headers-$release" ${common:+"$common"} 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+     "linux-headers-$release" $parts 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
   ls "$kdir"/debs/linux-image-*.deb >/dev/null 2>&1 || { say "download of linux-image-$release failed"; exit 1; }
   for deb in "$kdir"/debs/*.deb; do dpkg -x "$deb" "$kdir"; done
   rm -rf "$kdir/debs"      # keep the cache bounded: the unpacked tree is all the lab needs
@@ -144,8 +169,8 @@ if [ ! -e "$selftest/mem-on-off-test.sh" ]; then
   rm -rf "$tmp"
 fi
 
-# The lab's fault module is built with the compiler the kernel's headers were made with
-# (kernels.faults_module). A kernel of this machine's suite gets it here; another suite's kernel
+# The lab's test modules are built with the compiler the kernel's headers were made with
+# (kernels.lab_module). A kernel of this machine's suite gets it here; another suite's kernel
 # gets a userland of its own suite in the cache (debootstrap minbase, then make and the kernel's
 # headers package, which brings that suite's gcc), and the module is built in a chroot of it.
 # With --systemd-root that userland is made on any machine and also holds what a guest booting

@@ -26,7 +26,7 @@ import pytest
 from observer.journald import message_id
 from observer.lab import kernels
 from observer.lab.guest import CHECKOUT_IN_GUEST, Guest
-from observer.lab.scenarios import FAULTS, GUEST_APPEND, MEM, OFFLINE_POLICY
+from observer.lab.scenarios import GUEST_APPEND, MEM, OFFLINE_POLICY, action_file
 from test_service import UNIT, status_capabilities, unit_capabilities
 
 SERIES = "6.12"
@@ -67,7 +67,7 @@ def service(tmp_path_factory):
     release, _ = kernels.find_kernel(SERIES)
     root = kernels.systemd_root(release)
     # the guest sees only its root, this checkout and the results directory
-    shutil.copy(kernels.faults_module(release), results)
+    shutil.copy(kernels.lab_module("memhp_faults", release), results)
     seen = {}
     with Guest(results, release=SERIES, systemd_root=root, append=GUEST_APPEND) as guest:
         guest.sh(f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.service /etc/systemd/system/ && "
@@ -87,7 +87,7 @@ def service(tmp_path_factory):
                                     check=False)["out"].split()
         # a leak that stays: System RAM claimed again over a removed block (the fault module)
         guest.sh(f"{OFFLINE_POLICY} && insmod {results}/memhp_faults.ko && "
-                 f"echo leak-whole > {FAULTS}")
+                 f"echo leak-whole > {action_file('memhp_faults')}")
         until(guest, f"grep -q '\"kind\": \"resource_leak\"' {JOURNAL}", 120, "the leak journalled")
         seen["journal_before"] = guest.sh(f"cat {JOURNAL}")["out"]
         # hung: the main loop stops feeding the watchdog

@@ -1,11 +1,12 @@
 """The lab's one bounded cache directory (scripts/setup-lab.sh fills it) and the kernels in it.
 
 Layout: CACHE/vng (virtme-ng's venv), CACHE/kernels/RELEASE/{boot,lib,usr} (Debian's image and
-headers packages unpacked with dpkg -x), CACHE/userland/SUITE (a debootstrap'd userland of a
-suite other than this machine's, for its kernels' compiler; one also boots as a guest's root
-with systemd as init), CACHE/modules/RELEASE (the fault
-module built for a kernel), CACHE/selftests/SERIES, CACHE/lab.lock. It lives under /opt because virtme-ng
-mounts tmpfs over /var/cache inside the guest, which would hide the modules there."""
+headers packages unpacked with dpkg -x; from 7.x the image is linux-binary's
+lib/modules/RELEASE/vmlinuz), CACHE/userland/SUITE (a debootstrap'd userland of a suite other
+than this machine's, for its kernels' compiler; one also boots as a guest's root with systemd as
+init), CACHE/modules/RELEASE (the lab's test modules built for a kernel), CACHE/selftests/SERIES,
+CACHE/lab.lock. It lives under /opt because virtme-ng mounts tmpfs over /var/cache inside the
+guest, which would hide the modules there."""
 
 import glob
 import os
@@ -26,12 +27,33 @@ def _version_key(release):
     return [int(x) for x in re.findall(r"\d+", release)]
 
 
+def config(release, cache=CACHE):
+    """Debian's config of a kernel in the cache: boot/config-RELEASE, or from 7.x (linux-base)
+    the modules directory's config."""
+    path = _packaged(release, cache, "config")
+    if path is None:
+        raise LabSetupError(f"no config of {release} in {cache}/kernels: run scripts/setup-lab.sh")
+    return path
+
+
+def _vmlinuz(release, cache):
+    """Debian's image: boot/vmlinuz-RELEASE, or from 7.x (linux-binary) the modules directory's
+    vmlinuz; None when the cache has neither."""
+    return _packaged(release, cache, "vmlinuz")
+
+
+def _packaged(release, cache, name):
+    d = os.path.join(cache, "kernels", release)
+    return next((p for p in (os.path.join(d, "boot", f"{name}-{release}"),
+                             os.path.join(d, "lib", "modules", release, name))
+                 if os.path.exists(p)), None)
+
+
 def installed_releases(cache=CACHE):
     d = os.path.join(cache, "kernels")
     if not os.path.isdir(d):
         return []
-    return sorted((r for r in os.listdir(d)
-                   if os.path.exists(os.path.join(d, r, "boot", f"vmlinuz-{r}"))), key=_version_key)
+    return sorted((r for r in os.listdir(d) if _vmlinuz(r, cache)), key=_version_key)
 
 
 def find_kernel(release=None, cache=CACHE):
@@ -50,7 +72,7 @@ def find_kernel(release=None, cache=CACHE):
                             f"{', '.join(have) or 'none'}): run scripts/setup-lab.sh {release}")
     if not os.path.exists(f"/lib/modules/{release}/modules.dep"):
         raise LabSetupError(f"/lib/modules/{release} is not linked to the cache: run scripts/setup-lab.sh")
-    return release, os.path.join(cache, "kernels", release, "boot", f"vmlinuz-{release}")
+    return release, _vmlinuz(release, cache)
 
 
 def vng_path(cache=CACHE):
@@ -77,17 +99,28 @@ def systemd_root(release, cache=CACHE):
 MODULE_SOURCE = os.path.join(os.path.dirname(__file__), "module")
 
 
-def faults_module(release, cache=CACHE):
-    """The lab's fault module (module/memhp_faults.c) built for a kernel, kept in the cache.
-    It is built against the kernel's own headers with the compiler they were made with: this
-    machine's, when it has that gcc; else in a chroot of the userland setup-lab.sh made of the
-    kernel's own suite (CACHE/userland/SUITE, holding the kernel's headers package and its
-    gcc); else a clear refusal."""
+def lab_module(name, release, cache=CACHE):
+    """The .ko of one of the lab's test modules (module/NAME.c: memhp_faults, memhp_gpu) for a
+    kernel. All of them are built at once and kept in the cache (CACHE/modules/RELEASE), against
+    the kernel's own headers with the compiler they were made with: this machine's, when it has
+    that gcc; else in a chroot of the userland setup-lab.sh made of the kernel's own suite
+    (CACHE/userland/SUITE, holding the kernel's headers package and its gcc); else a clear
+    refusal. module/Kbuild leaves out a module the kernel's config cannot have."""
     out = os.path.join(cache, "modules", release)
-    ko = os.path.join(out, "memhp_faults.ko")
-    sources = [os.path.join(MODULE_SOURCE, n) for n in ("memhp_faults.c", "Kbuild")]
-    if os.path.exists(ko) and all(os.path.getmtime(ko) >= os.path.getmtime(s) for s in sources):
-        return ko
+    ko = os.path.join(out, f"{name}.ko")
+    sources = sorted(glob.glob(os.path.join(MODULE_SOURCE, "*.c"))) + \
+        [os.path.join(MODULE_SOURCE, "Kbuild")]
+    stamp = os.path.join(out, "Kbuild")   # copied in when they were built
+    if not (os.path.exists(stamp) and
+            all(os.path.getmtime(stamp) >= os.path.getmtime(s) for s in sources)):
+        _build_modules(release, sources, out, cache)
+    if not os.path.exists(ko):
+        raise LabSetupError(f"{name} is not built for {release}: its kernel config lacks what "
+                            f"module/Kbuild asks for it (memhp_gpu: CONFIG_DEVICE_PRIVATE)")
+    return ko
+
+
+def _build_modules(release, sources, out, cache):
     build = f"/lib/modules/{release}/build"
     try:
         with open(os.path.join(build, "include", "generated", "autoconf.h")) as f:
@@ -115,12 +148,11 @@ def faults_module(release, cache=CACHE):
     made = subprocess.run(command, capture_output=True, text=True, timeout=600)
     if made.returncode != 0:
         shutil.rmtree(work)
-        raise LabSetupError(f"building the fault module for {release} failed:\n"
+        raise LabSetupError(f"building the lab's modules for {release} failed:\n"
                             f"{(made.stdout + made.stderr)[-2000:]}")
     if os.path.isdir(out):
         shutil.rmtree(out)
     shutil.move(work, out)
-    return ko
 
 
 def _in_chroot(userland, command):

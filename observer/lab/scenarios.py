@@ -18,7 +18,12 @@ from . import kernels
 from . import LabError
 
 # The guest's dax/pmem stack (Debian builds them as modules); nd_e820 turns memmap= into a region.
-PMEM_MODULES = "for m in nd_e820 nd_pmem dax_pmem device_dax kmem; do modprobe $m || exit 1; done"
+# Where the kernel still has dax_pmem_compat (5.10), a devdax namespace's alias (nd:t7) names it,
+# and daxctl cannot reconfigure its /sys/class/dax model: what `daxctl migrate-device-model`
+# would write into /etc goes into the guest's own /run.
+PMEM_MODULES = ("mkdir -p /run/modprobe.d && printf 'blacklist dax_pmem_compat\\nalias nd:t7* dax_pmem\\n' "
+                "> /run/modprobe.d/memhp-lab.conf && "
+                "for m in nd_e820 nd_pmem dax_pmem device_dax kmem; do modprobe $m || exit 1; done")
 # Debian 6.1 leaves hot-added blocks offline; 6.12 onlines them, and daxctl then refuses to
 # reconfigure: pin the policy to offline (in the guest only) so every kernel behaves alike.
 OFFLINE_POLICY = "echo offline > /sys/devices/system/memory/auto_online_blocks"
@@ -93,6 +98,7 @@ class Scenario:
     steps: list = field(default_factory=list)
     append: list = field(default_factory=list)   # kernel arguments it needs: it boots on its own
     alone: bool = False                          # it leaves the kernel broken: a boot of its own
+    makes: frozenset = frozenset()               # the anomaly kinds (warning, critical) it makes
 
     @property
     def boots_alone(self):
@@ -104,17 +110,32 @@ def default_scenarios():
     return [name for name, s in SCENARIOS.items() if not s.boots_alone]
 
 
-# The lab's fault module (module/memhp_faults.c, built per kernel by kernels.faults_module)
-FAULTS = "/sys/module/memhp_faults/parameters/action"
+# The scenarios that take the hotplug paths of the README's fidelity table (lab/fidelity.py):
+# dax/kmem, fsdax and devdax, ACPI DIMM, virtio-mem, sysfs offline/online
+PATHS = ["kmem", "fsdax", "dimm", "virtio-mem", "offline-edge", "offline-middle"]
+
+
+# The lab's modules (module/*.c, built per kernel by kernels.lab_module)
 FAULT_SETTLE_SECONDS = 12   # long enough for the recorders (a read every 5 s; procfs mode wants
                             # two reads that agree) and the daemons to judge the state it left
 
 
-def _fault(action):
-    """Shell: one action of the fault module, then its last word (dmesg) once the observers
-    have had time to judge what it left."""
-    return (f"echo \"{action}\" > {FAULTS} && sleep {FAULT_SETTLE_SECONDS} && "
-            f"dmesg | grep 'memhp_faults: ' | tail -1")
+def action_file(module):
+    """Where a lab module (memhp_faults, memhp_gpu) takes its actions."""
+    return f"/sys/module/{module}/parameters/action"
+
+
+def _fault(action, module="memhp_faults"):
+    """Shell: one action of a lab module, then its last word (dmesg) once the observers have had
+    time to judge what it left."""
+    return (f"echo \"{action}\" > {action_file(module)} && sleep {FAULT_SETTLE_SECONDS} && "
+            f"dmesg | grep '{module}: ' | tail -1")
+
+
+# Where the device-private scenario claims a region and then plugs a DIMM: in QEMU's DIMM window,
+# above the conflict scenario's range
+PRIVATE_CLAIM_ADDR = 11 << 30
+PRIVATE_DIMM_SIZE = 128 << 20   # memhp_gpu's chunk
 
 
 SCENARIOS = {s.name: s for s in [
@@ -198,7 +219,8 @@ SCENARIOS = {s.name: s for s in [
                                                "memdev": "dimm2mem", "addr": CONFLICT_ADDR}),
              # a failed add changes no view to wait for: the guest's ACPI work gets 10 s
              until="sleep 10"),
-    ], append=[f"memmap={CONFLICT_SIZE >> 20}M!{CONFLICT_ADDR:#x}"]),
+    ], append=[f"memmap={CONFLICT_SIZE >> 20}M!{CONFLICT_ADDR:#x}"],
+        makes=frozenset({"operation_failed"})),
     Scenario("faults", "what buggy drivers and kernels do, done by the lab's fault module: a "
                        "pagemap left mapped after its region goes, a device range released as "
                        "System RAM, a remove of memory never added, System RAM left over removed "
@@ -234,7 +256,31 @@ SCENARIOS = {s.name: s for s in [
                                            f"sleep {FAULT_SETTLE_SECONDS} && "
                                            f"dmesg | grep 'cannot be hotremoved' | tail -1"),
         Step("settle", sh=f"sleep {FAULT_SETTLE_SECONDS}", timeout=60),
-    ], alone=True),
+    ], alone=True, makes=frozenset({"pagemap_leak", "device_range_release", "unbalanced_remove",
+                                    "resource_leak", "zone_span_leak"})),
+    Scenario("device-private", "HMM: device-private memory as a GPU driver makes it (the lab's "
+                               "memhp_gpu module; kernels with CONFIG_DEVICE_PRIVATE): a pagemap "
+                               "over a free region at the top of the physical address space, torn "
+                               "down cleanly; then a region claimed where a DIMM is plugged next "
+                               "(its hot-add fails), a pagemap past the CPU's address bits, and "
+                               "the claimed range released as System RAM, its pagemap left "
+                               "without its region", [
+        Step("prepare", sh=f"{OFFLINE_POLICY} && insmod {{gpu_module}} && "
+                           f"grep -m1 'address sizes' /proc/cpuinfo"),
+        Step("map", sh=_fault("map", "memhp_gpu"), timeout=60),
+        Step("unmap", sh=_fault("unmap", "memhp_gpu"), timeout=60),
+        Step("claim", sh=_fault(f"claim {PRIVATE_CLAIM_ADDR:x}", "memhp_gpu"), timeout=60),
+        Step("object-add", qmp=("object-add", {"qom-type": "memory-backend-ram", "id": "dimm3mem",
+                                               "size": PRIVATE_DIMM_SIZE})),
+        # never unplugged, as in the conflict scenario; the kernel says why the add failed
+        Step("device-add", qmp=("device_add", {"driver": "pc-dimm", "id": "dimm3",
+                                               "memdev": "dimm3mem", "addr": PRIVATE_CLAIM_ADDR}),
+             until="dmesg | grep -q 'Unaddressable device memhp_gpu'"),
+        Step("past-bits", sh=_fault("past-bits", "memhp_gpu"), timeout=60),
+        # the claimed chunk, away from the top, where the fault module takes its ranges
+        Step("release-as-ram", sh=_fault("release-as-ram", "memhp_gpu"), timeout=60),
+    ], alone=True, makes=frozenset({"device_private_conflict", "device_range_release",
+                                    "pagemap_leak"})),
     Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "
                          "then the kernel's own tools/testing/selftests/memory-hotplug/"
                          "mem-on-off-test.sh (from Debian's linux-source)", [
@@ -281,8 +327,9 @@ def run_scenario(guest, scenario, say=None):
     records = []
     series = ".".join(guest.release.split(".")[:2])
     saved = {"results": guest.results, "selftests": os.path.join(kernels.CACHE, "selftests", series)}
-    if any("{faults_module}" in (step.sh or "") for step in scenario.steps):
-        saved["faults_module"] = kernels.faults_module(guest.release)
+    for key, module in (("faults_module", "memhp_faults"), ("gpu_module", "memhp_gpu")):
+        if any("{" + key + "}" in (step.sh or "") for step in scenario.steps):
+            saved[key] = kernels.lab_module(module, guest.release)
     _record(guest, {"scenario": scenario.name, "index": 0, "step": "start",
                     "capture": f"captures/{scenario.name}/00-start",
                     "capture_ns": guest.capture(f"{scenario.name}/00-start")})

@@ -10,7 +10,7 @@ import time
 
 from .. import snapshot
 from ..model.invariants import judge_views
-from . import LabError
+from . import LabError, kernels
 from .guest import Guest
 from .marker import TOKEN_FILE
 from .scenarios import GUEST_APPEND, GUEST_QEMU, SCENARIOS, run_scenario
@@ -46,11 +46,16 @@ def run(results, names, release=None, progress=None):
         with Guest(results, release=release, append=append, qemu_opts=GUEST_QEMU,
                    **kwargs) as guest:
             summary.update(kernel=guest.release, boot_seconds=round(guest.boot_seconds, 1))
+            shutil.copy(kernels.config(guest.release), os.path.join(results, CONFIG))
             # the probes' trace (kprobes), the same through fentry, and what procfs mode sees
             daemons = [start_daemon(guest, mode) for mode in DAEMONS]
             recorders = [start_recorder(guest, TRACE),
                          start_recorder(guest, KFUNC_TRACE, "bpf", "kfunc"),
                          start_recorder(guest, PROCFS_TRACE, "procfs")]
+            # bcc compiles for each at once, on every vCPU
+            guest.say("starting the recorders and daemons (bcc compiles in the guest)")
+            for recorder in recorders:
+                wait_recorder(guest, recorder)
             summary["recorder_start_seconds"] = recorders[0]["seconds"]
             for daemon in daemons:
                 wait_daemon(guest, daemon)
@@ -75,27 +80,33 @@ def run(results, names, release=None, progress=None):
     return summary
 
 
+CONFIG = "config"   # the guest kernel's config (Debian's), for the fidelity table
 TRACE = "trace.jsonl"
 PROCFS_TRACE = "trace-procfs.jsonl"
 KFUNC_TRACE = "trace-kfunc.jsonl"
 SNAPSHOT_SECONDS = 5   # the recorders read the views this often, hotplug in flight or not
 
 
-def start_recorder(guest, trace, mode="bpf", method="auto", timeout=300):
+def start_recorder(guest, trace, mode="bpf", method="auto"):
     """`memhp-observer record` in the guest for the whole session, into RESULTS/TRACE (its log
-    beside it, .log); returns once its probes are attached (it says so in its log)."""
+    beside it, .log), started in the background."""
     exe = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
     log = os.path.join(guest.results, trace.replace(".jsonl", ".log"))
-    began = time.monotonic()
     pid = guest.sh(f"{exe} record -o {guest.results}/{trace} --mode {mode} --probe-method {method} "
                    f"--snapshot-interval {SNAPSHOT_SECONDS} > {log} 2>&1 & echo $!")["out"].strip()
-    guest.say("starting the recorder (bcc compiles in the guest)")
+    return {"pid": pid, "log": log, "began": time.monotonic()}
+
+
+def wait_recorder(guest, recorder, timeout=300):
+    """Until the recorder's probes are attached (it says so in its log)."""
+    log = recorder["log"]
     while "recording to" not in _read(log):
-        if time.monotonic() - began > timeout or guest.sh(f"kill -0 {pid}", check=False)["rc"]:
+        if time.monotonic() - recorder["began"] > timeout or \
+                guest.sh(f"kill -0 {recorder['pid']}", check=False)["rc"]:
             raise LabError(f"the recorder did not start; {log}:\n{_read(log)[-2000:]}")
         time.sleep(1)
+    recorder["seconds"] = round(time.monotonic() - recorder["began"], 1)
     guest.say(_read(log).strip().splitlines()[-1])
-    return {"pid": pid, "log": log, "seconds": round(time.monotonic() - began, 1)}
 
 
 def stop_recorder(guest, recorder, timeout=120):

@@ -166,6 +166,13 @@ class Model:
         # the span shrinks at offline since 5.5, the release that added remove_pfn_range_from_zone
         lacks = probes.get("remove_pfn_range_from_zone", {}).get("reason", "")
         self.shrinks_at_offline = not lacks.startswith("not in BTF")
+        # the end of the physical address space (pfn), where the header says it (x86)
+        bits = rec.get("address_bits")
+        if bits is not None and not (isinstance(bits, dict) and isinstance(bits.get("physical"), int)
+                                     and isinstance(bits.get("max_physmem"), int)):
+            raise RecordError(f"address_bits {bits!r} is not {{physical, max_physmem}}")
+        self.physical_end = bits and (
+            min(1 << bits["physical"], 1 << bits["max_physmem"]) // rec["page_size"], bits)
 
     def _report(self, anomalies):
         for a in anomalies:
@@ -438,10 +445,12 @@ class Model:
         conflict = self._device_private_over(*lo_hi) if lo_hi[0] is not None else None
         if conflict and e["fn"] in ("register_memory_resource", "add_memory_resource",
                                     "arch_add_memory"):
+            theirs = ", ".join(f"{a:#x}-{b:#x}" for a, b in self.pagemaps[conflict]["ranges"])
             return Anomaly("device_private_conflict", ts_ns=e["ts_ns"], start_pfn=lo_hi[0],
                            end_pfn=lo_hi[1],
-                           message=f"a hot-add of pfn {lo_hi[0]:#x}-{lo_hi[1]:#x} failed with "
-                                   f"{ret} against the device-private pagemap {conflict}",
+                           message=f"{e['fn']} of pfn {lo_hi[0]:#x}-{lo_hi[1]:#x} "
+                                   f"({e['origin']}) failed with {ret} against the "
+                                   f"device-private pagemap {conflict} over pfn {theirs}",
                            evidence=[_say(e), _say(self.pagemaps[conflict]["event"])])
         return Anomaly("operation_failed", ts_ns=e["ts_ns"], node=e.get("nid"),
                        zone=e.get("zone"), start_pfn=lo_hi[0], end_pfn=lo_hi[1],
@@ -460,7 +469,7 @@ class Model:
         lo, hi = _pfns(e)
         self.present.add(lo, hi)
         self.gone.remove(lo, hi)
-        device = bool(e.get("zone_device") or e.get("pgmap"))
+        device = bool(e.get("zone_device") or e.get("pgmap")) or self._in_pagemap_call(e, lo, hi)
         if not device:
             self.removed.remove(lo, hi)
         if self.expected is not None and not device:
@@ -506,7 +515,7 @@ class Model:
                                evidence=[_say(e)]))
         self.present.remove(lo, hi)
         self.gone.add(lo, hi)
-        if not (e.get("pgmap") or self._device_over(lo, hi)):
+        if not (e.get("pgmap") or self._device_over(lo, hi) or self._in_pagemap_call(e, lo, hi)):
             # System RAM gone: a resource or a zone edge still on it is judged at the next read
             self.removed.add(lo, hi)
             self.removals[lo] = e
@@ -518,15 +527,32 @@ class Model:
     def _device_over(self, lo, hi):
         return any(a < hi and lo < b for p in self.pagemaps.values() for a, b in p["ranges"])
 
+    def _in_pagemap_call(self, e, lo, hi):
+        """Whether the call `e` ran inside the memremap_pages or memunmap_pages of a pagemap over
+        its range. Before 5.17 neither arch_add_memory's mhp_params nor __remove_pages carry the
+        pgmap: the call around them is what tells a ZONE_DEVICE add or remove (the trace gives
+        the outer call first, numbered at entry)."""
+        page = self.header["page_size"]
+        for call in [p["event"] for p in self.pagemaps.values()] + list(self.unmapped.values()):
+            if call["ts_ns"] <= e["ts_ns"] <= call["ts_ns"] + (call.get("duration_ns") or 0) and \
+                    any(a // page < hi and lo < (b + 1) // page for a, b in call["pgmap"]["ranges"]):
+                return True
+        return False
+
     def _on_online_pages(self, e, judge):
         if not _ok(e):
             return []
         lo, hi = _pfns(e)
         blocks = range(lo // self.per_block, (hi - 1) // self.per_block + 1)
-        self.was_online.setdefault((e.get("nid"), e["zone"]), set()).update(blocks)
+        # before 5.12 online_pages takes no zone (it picks one itself): its event says neither
+        # zone nor span, and only the views judge them
+        zone = e.get("zone")
+        self.was_online.setdefault((e.get("nid"), zone), set()).update(blocks)
         if self.expected is not None:
             for i in blocks:
-                self.expected[i] = ("online", e["zone"])
+                self.expected[i] = ("online", zone)
+        if zone is None:
+            return []
         out = self._present_moved(e, e["nr_pages"])
         start, end = _span(e["span_after"])
         if not (start <= lo and hi <= end):
@@ -542,6 +568,8 @@ class Model:
         if self.expected is not None:
             for i in range(lo // self.per_block, (hi - 1) // self.per_block + 1):
                 self.expected[i] = ("offline", None)
+        if e.get("zone") is None:   # offline_pages takes no zone before 5.17 either
+            return []
         out = self._present_moved(e, -e["nr_pages"])
         if not self.shrinks_at_offline or e["zone"] == DEVICE_ZONE:
             return out
@@ -608,7 +636,27 @@ class Model:
                 self.pagemaps[pgmap["ptr"]] = {"type": pgmap["type"], "ranges": ranges,
                                                "event": e, "owner": None}
                 self.unmapped.pop(pgmap["ptr"], None)
+                if pgmap["type"] == "private" and self.physical_end:
+                    return self._past_the_end(e, pgmap["ptr"], ranges)
         return []
+
+    def _past_the_end(self, e, ptr, ranges):
+        """A device-private pagemap past the end of the physical address space: a
+        request_free_mem_region that searched from a top the CPU cannot address put it there,
+        or a driver that computed its own range (kernel-reference.md §5.4)."""
+        end, bits = self.physical_end
+        past = [(lo, hi) for lo, hi in ranges if hi > end]
+        if not past:
+            return []
+        lo, hi = past[0]
+        limit = (f"the CPU's {bits['physical']} physical address bits"
+                 if bits["physical"] <= bits["max_physmem"] else
+                 f"the kernel's MAX_PHYSMEM_BITS, {bits['max_physmem']}")
+        return [Anomaly("device_private_conflict", ts_ns=e["ts_ns"], start_pfn=lo, end_pfn=hi,
+                        message=f"the device-private pagemap {ptr} over pfn {lo:#x}-{hi:#x} lies "
+                                f"past the end of the physical address space, pfn {end:#x} "
+                                f"({limit})",
+                        evidence=[_say(e), bits["line"]])]
 
     def _on_memunmap_pages(self, e, judge):
         ptr = (e.get("pgmap") or {}).get("ptr")

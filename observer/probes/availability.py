@@ -6,9 +6,14 @@
   project's dev host does exactly that), so the load is tried. The try loads LLVM (RSS ~25 -> ~180
   MB), so it runs in a short-lived child process (python -m observer.probes.fentry_try).
 - bcc compiles against /lib/modules/$(uname -r)/build; without it bcc runs `modprobe kheaders` by
-  itself, so nothing calls bcc unless that directory exists."""
+  itself, so nothing calls bcc unless that directory exists.
+- atomic fetch-and-add (5.12+): the probes number calls with it where the verifier takes it; a
+  five-instruction program is loaded straight through bpf(2) to ask (before 5.12: "BPF_STX uses
+  reserved fields")."""
 
+import ctypes
 import os
+import struct
 import subprocess
 import sys
 
@@ -57,3 +62,36 @@ def try_fentry(function=CORE[0], timeout=120):
         return False, f"fentry try on {function} did not finish in {timeout} s"
     last = (child.stdout.strip().splitlines() or ["no answer from the fentry try"])[-1]
     return child.returncode == 0, last
+
+
+# bpf(2) on x86-64, and what a BPF_PROG_LOAD of a socket filter needs (linux/bpf.h)
+SYS_BPF, BPF_PROG_LOAD, BPF_PROG_TYPE_SOCKET_FILTER = 321, 5, 1
+
+
+def _insn(code, dst=0, src=0, off=0, imm=0):
+    return struct.pack("<BBhi", code, src << 4 | dst, off, imm)
+
+
+ATOMIC_FETCH_ADD = b"".join([
+    _insn(0x7a, dst=10, off=-8, imm=0),         # *(u64 *)(r10 - 8) = 0
+    _insn(0xb7, dst=1, imm=1),                  # r1 = 1
+    _insn(0xdb, dst=10, src=1, off=-8, imm=1),  # r1 = atomic_fetch_add((u64 *)(r10 - 8), r1)
+    _insn(0xb7, dst=0, imm=0),                  # r0 = 0
+    _insn(0x95),                                # exit
+])
+
+
+def has_atomic_fetch():
+    """Whether this kernel's verifier takes an atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = ctypes.create_string_buffer(ATOMIC_FETCH_ADD)
+    license = ctypes.create_string_buffer(b"GPL")
+    # union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest zero
+    attr = ctypes.create_string_buffer(struct.pack(
+        "<IIQQ", BPF_PROG_TYPE_SOCKET_FILTER, len(ATOMIC_FETCH_ADD) // 8,
+        ctypes.addressof(insns), ctypes.addressof(license)), 128)
+    fd = libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 128)
+    if fd < 0:
+        return False
+    os.close(fd)
+    return True

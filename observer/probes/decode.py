@@ -40,9 +40,15 @@ def origin(frames):
 
 
 def _own_frame(function, frames):
-    """Where the function's own frame is: kprobe stacks start there, fentry stacks start in the
-    BPF program and trampoline that the function's entry calls."""
-    return next((i for i, f in enumerate(frames) if f.split(" ")[0] == function), 0)
+    """(where the stack starts, where its callers start): kprobe stacks start at the function's
+    own frame; fentry stacks start in the BPF program and trampoline that the function's entry
+    calls, which return into the function's frame, or on 7.x straight into its caller."""
+    for i, f in enumerate(frames):
+        if f.split(" ")[0] == function:
+            return i, i + 1
+        if not f.endswith(" [bpf]"):
+            return i, i
+    return 0, 1
 
 
 def _int32(value):
@@ -73,12 +79,13 @@ def decode(ev, shape, layouts, page_size, frames):
         return {"type": "left_out", "seq": ev.seq}
     roles = {r for _, r in shape.roles}
     raw = list(ev.stack[:max(0, ev.stack_bytes) // 8])
-    own = _own_frame(shape.function, frames)
+    own, callers = _own_frame(shape.function, frames)
+    caller = frames[callers] if callers < len(frames) else None
     frames, raw = frames[own:], raw[own:]
     out = {"type": "event", "seq": ev.seq, "ts_ns": ev.ts_ns, "fn": shape.function,
            "duration_ns": ev.duration_ns, "ret": _ret(shape, ev.ret), "pid": ev.pid,
            "tid": ev.tid, "comm": ev.comm.decode(errors="replace"),
-           "caller": frames[1] if len(frames) > 1 else None, "origin": origin(frames),
+           "caller": caller, "origin": origin(frames),
            "stack": frames, "stack_addrs": [f"{a:#x}" for a in raw]}
     if "nid" in roles:
         out["nid"] = ev.nid

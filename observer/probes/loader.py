@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import program
-from .availability import has_kprobes, headers_dir, missing_privilege
+from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
 from .decode import decode
 from .functions import ALL, ANNOTATIONS, CORE
@@ -130,6 +130,7 @@ class Probes:
             raise ProbeError(f"{e}: the probes cannot know where to read") from None
         self.shapes = {}
         self.ringbuf = has_ringbuf(names)
+        self.atomic_fetch = has_atomic_fetch()
         for fn in self.functions:
             shape = shape_of(btf, fn)
             symbol = fn if fn in names else None
@@ -163,7 +164,7 @@ class Probes:
         annotations = {index(fn): index(ANNOTATIONS[fn]) for fn in self.shapes if fn in ANNOTATIONS}
         # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
         return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
-                             annotations=annotations,
+                             annotations=annotations, atomic_fetch=self.atomic_fetch,
                              vmemmap_base=self.variables.get("vmemmap_base", 0))
 
     def start(self):

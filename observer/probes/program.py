@@ -119,7 +119,10 @@ def _probe_pair(index, shape, ringbuf, method):
     if (!e)
         return 0;
     __builtin_memset(e, 0, sizeof(*e));
-    begin(ctx, e, {index});
+    if (begin(ctx, e, {index})) {{
+        count_lost();
+        return 0;
+    }}
     {nl.join(reads)}
     u64 key = ((u64){index} << 32) | e->tid;
     if (inflight.update(&key, e))
@@ -195,13 +198,37 @@ _NO_PARAMS_PGMAP = """    // mhp_params has no pgmap before 5.17: unknown here, 
     e->zone_device = -1;"""
 
 
+# The call number: one atomic fetch-and-add where the verifier takes it (5.12+); before that, a
+# one-entry hash map inserted with BPF_NOEXIST is the lock around the counter (kprobe programs
+# may not hold a bpf_spin_lock there). The holder keeps it for a load and a store, so a few
+# tries suffice; a call that gets no number is counted lost.
+_SEQ_ATOMIC = """static __always_inline int take_seq(u64 *counter, u64 *seq) {
+    *seq = __sync_fetch_and_add(counter, 1);
+    return 0;
+}"""
+_SEQ_LOCKED = """BPF_HASH(seq_lock, u32, u32, 1);
+static __always_inline int take_seq(u64 *counter, u64 *seq) {
+    u32 k = 0, held = 1;
+    for (int i = 0; i < 64; i++) {
+        if (seq_lock.insert(&k, &held) == 0) {
+            *seq = *counter;
+            *counter = *seq + 1;
+            seq_lock.delete(&k);
+            return 0;
+        }
+    }
+    return -1;
+}"""
+
+
 def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotations=None,
-          vmemmap_base=0):
+          vmemmap_base=0, atomic_fetch=True):
     """C text for the given {index: Shape}; indexes are the `fn` values events carry.
     annotations: {index: target index} of the shapes that annotate another call (entry probe
     only). vmemmap_base: the address of the kernel's vmemmap_base variable (0: not known).
     method: "kprobe" (enter_N/leave_N, attached by name) or "kfunc" (fentry/fexit, attached by
-    bcc when the program loads)."""
+    bcc when the program loads). atomic_fetch: whether the verifier takes an atomic
+    fetch-and-add (availability.has_atomic_fetch)."""
     annotations = annotations or {}
     with open(template or template_path()) as f:
         text = f.read()
@@ -214,6 +241,7 @@ def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotat
         "@PGMAP_RANGES@": _PGMAP_RANGES if layouts.pgmap_has_range else _PGMAP_RES,
         "@PARAMS_PGMAP@": _PARAMS_PGMAP if layouts.params_has_pgmap else _NO_PARAMS_PGMAP,
         "@VMEMMAP_BASE@": f"{vmemmap_base:#x}ULL",
+        "@TAKE_SEQ@": _SEQ_ATOMIC if atomic_fetch else _SEQ_LOCKED,
         "@PROBES@": "\n".join(_annotation_probe(i, s, annotations[i], method) if i in annotations
                               else _probe_pair(i, s, ringbuf, method)
                               for i, s in sorted(shapes.items())),

@@ -13,6 +13,7 @@ import time
 from .. import formats, snapshot
 from ..trace import FORMAT, VERSION
 from ..uevents import UeventListener
+from ..views.cpuinfo import address_bits
 
 SECTION_SIZE_X86_64 = 1 << 27    # SECTION_SIZE_BITS on x86-64; not exported by the kernel
 WAIT_SECONDS = 5.0               # longer than the call order waits for a call's number (1 s)
@@ -38,6 +39,7 @@ class LiveSource:
                 "section_size": SECTION_SIZE_X86_64 if os.uname().machine == "x86_64" else None,
                 "block_size": first.blocks.block_size, "mode": self.mode,
                 "start_time_ns": time.time_ns(), "start_monotonic_ns": time.monotonic_ns(),
+                "address_bits": address_bits(self.root),
                 "probes": {fn: {"attached": st.attached,
                                 "method": st.method if st.attached else "none",
                                 "shape": st.shape, "reason": st.reason}

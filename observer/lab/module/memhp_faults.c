@@ -33,6 +33,12 @@
 #include <linux/moduleparam.h>
 #include <linux/slab.h>
 #include <linux/string.h>
+#include <linux/version.h>
+
+/* remove_memory() lost its nid argument in 5.15 */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 15, 0)
+#define remove_memory(start, size) remove_memory(0, start, size)
+#endif
 
 #define NAME "memhp_faults"
 #define RAM_NAME "System RAM (memhp_faults)"
@@ -41,6 +47,27 @@
 static struct dev_pagemap *maps[2];  /* the pagemaps mapped, in order */
 static int nmaps;
 static u64 two;                      /* where add-two added its blocks */
+
+#if !IS_ENABLED(CONFIG_GET_FREE_REGION) && !IS_ENABLED(CONFIG_DEVICE_PRIVATE)
+/* before 6.1 the kernel has request_free_mem_region() only with CONFIG_DEVICE_PRIVATE: its
+ * search, top down in steps of the (section-aligned) size, done here */
+static struct resource *free_mem_region(struct resource *base, unsigned long size,
+					const char *name)
+{
+	resource_size_t addr;
+	struct resource *res;
+
+	size = ALIGN(size, 1UL << PA_SECTION_SHIFT);
+	for (addr = ALIGN_DOWN(base->end + 1 - size, size); addr > base->start; addr -= size) {
+		if (region_intersects(addr, size, 0, IORES_DESC_NONE) != REGION_DISJOINT)
+			continue;
+		res = __request_region(base, addr, size, name, 0);
+		return res ? res : ERR_PTR(-EBUSY);
+	}
+	return ERR_PTR(-ERANGE);
+}
+#define request_free_mem_region free_mem_region
+#endif
 
 /* a free, section-aligned physical range, found the way HMM drivers find theirs */
 static int free_range(unsigned long size, u64 *start)
