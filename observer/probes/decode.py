@@ -40,15 +40,18 @@ def origin(frames):
 
 
 def _own_frame(function, frames):
-    """(where the stack starts, where its callers start): kprobe stacks start at the function's
-    own frame; fentry stacks start in the BPF program and trampoline that the function's entry
-    calls, which return into the function's frame, or on 7.x straight into its caller."""
-    for i, f in enumerate(frames):
-        if f.split(" ")[0] == function:
-            return i, i + 1
-        if not f.endswith(" [bpf]"):
-            return i, i
-    return 0, 1
+    """(where the stack starts, the caller). A kprobe stack starts at the function's own frame;
+    an fentry stack in the BPF program and trampoline that the function's entry calls, which
+    return into the function's frame or, on 7.x, straight into its caller. Where fentry is
+    attached too, the function runs called from its trampoline: BPF frames are never the
+    caller."""
+    own = next((i for i, f in enumerate(frames) if f.split(" ")[0] == function), None)
+    if own is None:
+        own = next((i for i, f in enumerate(frames) if not f.endswith(" [bpf]")), 0)
+        after = own
+    else:
+        after = own + 1
+    return own, next((f for f in frames[after:] if not f.endswith(" [bpf]")), None)
 
 
 def _int32(value):
@@ -79,8 +82,7 @@ def decode(ev, shape, layouts, page_size, frames):
         return {"type": "left_out", "seq": ev.seq}
     roles = {r for _, r in shape.roles}
     raw = list(ev.stack[:max(0, ev.stack_bytes) // 8])
-    own, callers = _own_frame(shape.function, frames)
-    caller = frames[callers] if callers < len(frames) else None
+    own, caller = _own_frame(shape.function, frames)
     frames, raw = frames[own:], raw[own:]
     out = {"type": "event", "seq": ev.seq, "ts_ns": ev.ts_ns, "fn": shape.function,
            "duration_ns": ev.duration_ns, "ret": _ret(shape, ev.ret), "pid": ev.pid,
