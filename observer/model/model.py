@@ -169,8 +169,9 @@ class Model:
         # the end of the physical address space (pfn), where the header says it (x86)
         bits = rec.get("address_bits")
         if bits is not None and not (isinstance(bits, dict) and isinstance(bits.get("physical"), int)
-                                     and isinstance(bits.get("max_physmem"), int)):
-            raise RecordError(f"address_bits {bits!r} is not {{physical, max_physmem}}")
+                                     and isinstance(bits.get("max_physmem"), int)
+                                     and isinstance(bits.get("line"), str)):
+            raise RecordError(f"address_bits {bits!r} is not {{physical, max_physmem, line}}")
         self.physical_end = bits and (
             min(1 << bits["physical"], 1 << bits["max_physmem"]) // rec["page_size"], bits)
 
