@@ -8,7 +8,7 @@ import os
 import re
 
 from . import session
-from .scenarios import SCENARIOS
+from .scenarios import PATHLESS, SCENARIOS
 
 # column -> the (scenario, step) that takes the path
 PATHS = {
@@ -20,8 +20,6 @@ PATHS = {
     "sysfs offline/online": ("offline-edge", "offline"),
     "device-private": ("device-private", "map"),
 }
-# scenarios that take no path of their own, said in one column
-OTHERS = ("stress", "selftest", "conflict", "faults")
 # the daemon's words on its own load, not on the kernel
 NOT_KERNEL = ("events_lost",)
 COLUMNS = (["kernel"] + list(PATHS) + ["also run", "kprobe", "fentry", "anomalies expected",
@@ -54,7 +52,7 @@ def _row(results):
     for column, step in PATHS.items():
         cells.append("✓" if step in done else
                      "n/a" if column == "device-private" and not private else "–")
-    cells.append(", ".join(n for n in OTHERS if n in summary["scenarios"]) or "–")
+    cells.append(", ".join(n for n in PATHLESS if n in summary["scenarios"]) or "–")
     for trace in (session.TRACE, session.KFUNC_TRACE):
         probes = _header(os.path.join(results, trace))["probes"]
         cells.append(f"{sum(p['attached'] for p in probes.values())}/{len(probes)}")

@@ -110,11 +110,6 @@ def default_scenarios():
     return [name for name, s in SCENARIOS.items() if not s.boots_alone]
 
 
-# The scenarios that take the hotplug paths of the README's fidelity table (lab/fidelity.py):
-# dax/kmem, fsdax and devdax, ACPI DIMM, virtio-mem, sysfs offline/online
-PATHS = ["kmem", "fsdax", "dimm", "virtio-mem", "offline-edge", "offline-middle"]
-
-
 # The lab's modules (module/*.c, built per kernel by kernels.lab_module)
 FAULT_SETTLE_SECONDS = 12   # long enough for the recorders (a read every 5 s; procfs mode wants
                             # two reads that agree) and the daemons to judge the state it left
@@ -125,7 +120,7 @@ def action_file(module):
     return f"/sys/module/{module}/parameters/action"
 
 
-def _fault(action, module="memhp_faults"):
+def _module_action(action, module="memhp_faults"):
     """Shell: one action of a lab module, then its last word (dmesg) once the observers have had
     time to judge what it left."""
     return (f"echo \"{action}\" > {action_file(module)} && sleep {FAULT_SETTLE_SECONDS} && "
@@ -228,14 +223,14 @@ SCENARIOS = {s.name: s for s in [
                        "after an offline and after a remove; then dax/kmem unbound while its "
                        "memory is online (its deliberate pin, no leak)", [
         Step("prepare", sh=f"{OFFLINE_POLICY} && insmod {{faults_module}}"),
-        Step("remove-never-added", sh=_fault("remove-never-added"), timeout=60),
-        Step("leak-whole", sh=_fault("leak-whole"), timeout=60),
-        Step("add-two", sh=_fault("add-two"), timeout=60),
-        Step("leak-partial", sh=_fault("leak-partial"), timeout=60),
-        Step("map", sh=_fault("map"), timeout=60),
-        Step("map-again", sh=_fault("map"), timeout=60),
-        Step("drop-owner", sh=_fault("drop-owner"), timeout=60),
-        Step("release-as-ram", sh=_fault("release-as-ram"), timeout=60),
+        Step("remove-never-added", sh=_module_action("remove-never-added"), timeout=60),
+        Step("leak-whole", sh=_module_action("leak-whole"), timeout=60),
+        Step("add-two", sh=_module_action("add-two"), timeout=60),
+        Step("leak-partial", sh=_module_action("leak-partial"), timeout=60),
+        Step("map", sh=_module_action("map"), timeout=60),
+        Step("map-again", sh=_module_action("map"), timeout=60),
+        Step("drop-owner", sh=_module_action("drop-owner"), timeout=60),
+        Step("release-as-ram", sh=_module_action("release-as-ram"), timeout=60),
         *_dimm_added("dimm0", ""),
         # seen online in Movable by every observer: procfs mode knows a block's zone only so
         Step("online-movable", timeout=60, sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable "
@@ -243,7 +238,7 @@ SCENARIOS = {s.name: s for s in [
                                               f"sleep {FAULT_SETTLE_SECONDS}"),
         Step("offline", sh=f"for b in $({DIMM_BLOCKS}); do echo offline > {MEM}/memory$b/state "
                            f"|| exit 1; done"),
-        Step("widen-movable", timeout=60, sh=_fault(
+        Step("widen-movable", timeout=60, sh=_module_action(
             f"widen-movable $(printf %x $((({{dimm_addr}} + {DIMM_SIZE}) / 4096)))")),
         Step("device-del", qmp=("device_del", {"id": "dimm0"}),
              until=f"[ ! -e {MEM}/memory$(({{dimm_addr}} / {BLOCK_SIZE})) ]"),
@@ -267,18 +262,18 @@ SCENARIOS = {s.name: s for s in [
                                "without its region", [
         Step("prepare", sh=f"{OFFLINE_POLICY} && insmod {{gpu_module}} && "
                            f"grep -m1 'address sizes' /proc/cpuinfo"),
-        Step("map", sh=_fault("map", "memhp_gpu"), timeout=60),
-        Step("unmap", sh=_fault("unmap", "memhp_gpu"), timeout=60),
-        Step("claim", sh=_fault(f"claim {PRIVATE_CLAIM_ADDR:x}", "memhp_gpu"), timeout=60),
+        Step("map", sh=_module_action("map", "memhp_gpu"), timeout=60),
+        Step("unmap", sh=_module_action("unmap", "memhp_gpu"), timeout=60),
+        Step("claim", sh=_module_action(f"claim {PRIVATE_CLAIM_ADDR:x}", "memhp_gpu"), timeout=60),
         Step("object-add", qmp=("object-add", {"qom-type": "memory-backend-ram", "id": "dimm3mem",
                                                "size": PRIVATE_DIMM_SIZE})),
         # never unplugged, as in the conflict scenario; the kernel says why the add failed
         Step("device-add", qmp=("device_add", {"driver": "pc-dimm", "id": "dimm3",
                                                "memdev": "dimm3mem", "addr": PRIVATE_CLAIM_ADDR}),
              until="dmesg | grep -q 'Unaddressable device memhp_gpu'"),
-        Step("past-bits", sh=_fault("past-bits", "memhp_gpu"), timeout=60),
+        Step("past-bits", sh=_module_action("past-bits", "memhp_gpu"), timeout=60),
         # the claimed chunk, away from the top, where the fault module takes its ranges
-        Step("release-as-ram", sh=_fault("release-as-ram", "memhp_gpu"), timeout=60),
+        Step("release-as-ram", sh=_module_action("release-as-ram", "memhp_gpu"), timeout=60),
     ], alone=True, makes=frozenset({"device_private_conflict", "device_range_release",
                                     "pagemap_leak"})),
     Scenario("selftest", "a certain offline and online failure (memory notifier error injection), "
@@ -319,6 +314,13 @@ SCENARIOS = {s.name: s for s in [
             "bash {results}/memory-hotplug/mem-on-off-test.sh")),
     ]),
 ]}
+
+# The scenarios that take no hotplug path of the README's fidelity table (lab/fidelity.py) of
+# their own: it names them in one column
+PATHLESS = ("stress", "selftest", "conflict", "faults")
+# The scenarios of one boot that take every path all four kernels have (dax/kmem, fsdax and
+# devdax, ACPI DIMM, virtio-mem, sysfs offline/online)
+PATHS = [name for name in default_scenarios() if name not in PATHLESS]
 
 
 def run_scenario(guest, scenario, say=None):

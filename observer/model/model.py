@@ -106,6 +106,8 @@ class Model:
         self.claimed = RangeSet()  # pfns some iomem resource claims (a pagemap may be there)
         self.pagemaps = {}         # pgmap pointer -> {"type", "ranges", "event", "owner"}
         self.unmapped = {}         # pgmap pointer -> the event that unmapped it, until remapped
+        self.pagemap_calls = []    # (end ns, pfn ranges) of memremap/memunmap_pages calls that
+                                   # may still be running (see _in_pagemap_call)
         self.stale_said = set()    # Device zone ranges said stale
         self.active = {}           # key -> anomaly, found in the last judged snapshot
         self.cleared = []          # (anomaly, ts_ns) no longer found by a judged read: taken by
@@ -470,7 +472,8 @@ class Model:
         lo, hi = _pfns(e)
         self.present.add(lo, hi)
         self.gone.remove(lo, hi)
-        device = bool(e.get("zone_device") or e.get("pgmap")) or self._in_pagemap_call(e, lo, hi)
+        known = e.get("zone_device")   # None where mhp_params has no pgmap (before 5.17)
+        device = bool(known or e.get("pgmap")) or (known is None and self._in_pagemap_call(e, lo, hi))
         if not device:
             self.removed.remove(lo, hi)
         if self.expected is not None and not device:
@@ -516,7 +519,8 @@ class Model:
                                evidence=[_say(e)]))
         self.present.remove(lo, hi)
         self.gone.add(lo, hi)
-        if not (e.get("pgmap") or self._device_over(lo, hi) or self._in_pagemap_call(e, lo, hi)):
+        if not (e.get("pgmap") or self._device_over(lo, hi) or
+                ("pgmap" not in e and self._in_pagemap_call(e, lo, hi))):
             # System RAM gone: a resource or a zone edge still on it is judged at the next read
             self.removed.add(lo, hi)
             self.removals[lo] = e
@@ -532,13 +536,16 @@ class Model:
         """Whether the call `e` ran inside the memremap_pages or memunmap_pages of a pagemap over
         its range. Before 5.17 neither arch_add_memory's mhp_params nor __remove_pages carry the
         pgmap: the call around them is what tells a ZONE_DEVICE add or remove (the trace gives
-        the outer call first, numbered at entry)."""
-        page = self.header["page_size"]
-        for call in [p["event"] for p in self.pagemaps.values()] + list(self.unmapped.values()):
-            if call["ts_ns"] <= e["ts_ns"] <= call["ts_ns"] + (call.get("duration_ns") or 0) and \
-                    any(a // page < hi and lo < (b + 1) // page for a, b in call["pgmap"]["ranges"]):
-                return True
-        return False
+        the outer call first, numbered at entry, so a call that ended before `e` began is done)."""
+        self._calls_done_before(e)
+        return any(a < hi and lo < b for _, ranges in self.pagemap_calls for a, b in ranges)
+
+    def _pagemap_call(self, e, ranges):
+        self._calls_done_before(e)
+        self.pagemap_calls.append((e["ts_ns"] + (e.get("duration_ns") or 0), ranges))
+
+    def _calls_done_before(self, e):
+        self.pagemap_calls = [c for c in self.pagemap_calls if c[0] >= e["ts_ns"]]
 
     def _on_online_pages(self, e, judge):
         if not _ok(e):
@@ -631,12 +638,12 @@ class Model:
     def _mapped(self, e):
         pgmap = e.get("pgmap")
         if _ok(e) and pgmap:
-            page = self.header["page_size"]
-            ranges = [(a // page, (b + 1) // page) for a, b in pgmap["ranges"]]
+            ranges = self._pfn_ranges(pgmap)
             if ranges:
                 self.pagemaps[pgmap["ptr"]] = {"type": pgmap["type"], "ranges": ranges,
                                                "event": e, "owner": None}
                 self.unmapped.pop(pgmap["ptr"], None)
+                self._pagemap_call(e, ranges)
                 if pgmap["type"] == "private" and self.physical_end:
                     return self._past_the_end(e, pgmap["ptr"], ranges)
         return []
@@ -659,10 +666,16 @@ class Model:
                                 f"({limit})",
                         evidence=[_say(e), bits["line"]])]
 
+    def _pfn_ranges(self, pgmap):
+        page = self.header["page_size"]
+        return [(a // page, (b + 1) // page) for a, b in pgmap["ranges"]]
+
     def _on_memunmap_pages(self, e, judge):
-        ptr = (e.get("pgmap") or {}).get("ptr")
-        if ptr is None:
+        pgmap = e.get("pgmap")
+        if not pgmap:
             return []
+        ptr = pgmap["ptr"]
+        self._pagemap_call(e, self._pfn_ranges(pgmap))   # mapped before the trace began, too
         if ptr in self.pagemaps:
             del self.pagemaps[ptr]
             self.unmapped[ptr] = e
