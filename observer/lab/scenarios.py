@@ -112,26 +112,21 @@ def default_scenarios():
     return [name for name, s in SCENARIOS.items() if not s.boots_alone]
 
 
-def _then_two_reads(command):
-    """Shell: `command`, then wait until each of the session's recorders (their traces,
-    RESULTS/trace*.jsonl, written a whole line at a time) has read the views twice since: procfs
-    mode judges a state two reads agree on, and the daemons read every second."""
-    return (f"sizes=$(for t in {{results}}/trace*.jsonl; do echo $t:$(stat -c %s $t); done) && "
-            f"{command} && for ts in $sizes; do while [ $(tail -c +$((${{ts##*:}} + 1)) "
-            f"${{ts%:*}} | grep -c '^{{\"type\":\"snapshot\"') -lt 2 ]; do sleep 0.5; done; done")
-
-
 # The lab's modules (module/*.c, built per kernel by kernels.lab_module)
+FAULT_SETTLE_SECONDS = 12   # long enough for the recorders (a read every 5 s; procfs mode wants
+                            # two settled reads that agree) and the daemons to judge the state it left
+
+
 def action_file(module):
     """Where a lab module (memhp_faults, memhp_gpu) takes its actions."""
     return f"/sys/module/{module}/parameters/action"
 
 
 def _module_action(action, module="memhp_faults"):
-    """Shell: one action of a lab module, then its last word (dmesg) once the observers have
-    judged what it left."""
-    return (_then_two_reads(f"echo \"{action}\" > {action_file(module)}") +
-            f" && dmesg | grep '{module}: ' | tail -1")
+    """Shell: one action of a lab module, then its last word (dmesg) once the observers have had
+    time to judge what it left."""
+    return (f"echo \"{action}\" > {action_file(module)} && sleep {FAULT_SETTLE_SECONDS} && "
+            f"dmesg | grep '{module}: ' | tail -1")
 
 
 # Where the device-private scenario claims a region and then plugs a DIMM: in QEMU's DIMM window,
@@ -240,9 +235,9 @@ SCENARIOS = {s.name: s for s in [
         Step("release-as-ram", sh=_module_action("release-as-ram"), timeout=60),
         *_dimm_added("dimm0", ""),
         # seen online in Movable by every observer: procfs mode knows a block's zone only so
-        Step("online-movable", timeout=60, sh=_then_two_reads(
-            f"for b in $({DIMM_BLOCKS}); do echo online_movable > {MEM}/memory$b/state || exit 1; "
-            f"done")),
+        Step("online-movable", timeout=60, sh=f"for b in $({DIMM_BLOCKS}); do echo online_movable "
+                                              f"> {MEM}/memory$b/state || exit 1; done && "
+                                              f"sleep {FAULT_SETTLE_SECONDS}"),
         Step("offline", sh=f"for b in $({DIMM_BLOCKS}); do echo offline > {MEM}/memory$b/state "
                            f"|| exit 1; done"),
         Step("widen-movable", timeout=60, sh=_module_action(
@@ -254,10 +249,10 @@ SCENARIOS = {s.name: s for s in [
         Step("kmem-online", timeout=180, sh=f"{PMEM_MODULES} && ndctl create-namespace -f -e "
                                             f"namespace0.0 -m devdax && daxctl reconfigure-device "
                                             f"--mode=system-ram dax0.0"),
-        Step("kmem-unbind", timeout=60, sh=_then_two_reads(
-            "echo dax0.0 > /sys/bus/dax/drivers/kmem/unbind") +
-            " && dmesg | grep 'cannot be hotremoved' | tail -1"),
-        Step("settle", sh=_then_two_reads("true"), timeout=60),
+        Step("kmem-unbind", timeout=60, sh=f"echo dax0.0 > /sys/bus/dax/drivers/kmem/unbind && "
+                                           f"sleep {FAULT_SETTLE_SECONDS} && "
+                                           f"dmesg | grep 'cannot be hotremoved' | tail -1"),
+        Step("settle", sh=f"sleep {FAULT_SETTLE_SECONDS}", timeout=60),
     ], alone=True, makes=frozenset({"pagemap_leak", "device_range_release", "unbalanced_remove",
                                     "resource_leak", "zone_span_leak"})),
     Scenario("device-private", "HMM: device-private memory as a GPU driver makes it (the lab's "
