@@ -24,8 +24,8 @@ struct event {
 // one call is one event.
 BPF_HASH(inflight, u64, struct event, 4096);
 // [0] call sequence (entry order across CPUs: the order Python releases events in),
-// [1] events the output could not take
-BPF_ARRAY(counters, u64, 2);
+// [1] events the output could not take; mapped into Python's memory, which reads it there
+BPF_F_TABLE("array", int, u64, counters, 2, BPF_F_MMAPABLE);
 // Where entry builds its event: one per CPU, since the event is larger than a BPF stack can hold.
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
 @OUTPUT_DECL@

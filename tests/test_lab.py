@@ -506,6 +506,8 @@ def test_replay_of_every_trace_finds_no_critical_anomaly(lab, name):
     if name != session.PROCFS_TRACE:
         # each read waited for the calls begun before it: the model could judge it at once
         assert all(r.get("calls_before") is not None for r in snapshots)
+        # and every call ended: one left running would keep every read after it unjudged
+        assert not model.in_flight, model.last_unsettled
     transient = sum(1 for r in snapshots
                     if any(a.severity == CRITICAL
                            for a in judge_views(snapshot_from_record(r, records[0]), 0)))
@@ -516,8 +518,8 @@ def test_replay_of_every_trace_finds_no_critical_anomaly(lab, name):
 @pytest.mark.parametrize("mode", session.DAEMONS)
 def test_daemons_watching_every_scenario_raise_no_false_alarm(lab, mode):
     """A daemon per mode reconciled every second through every scenario of its boot (on 6.1
-    stress and the kernel's selftest too): no critical anomaly in its log or its metrics, and `replay`
-    of what it recorded reports exactly what it logged."""
+    stress and the kernel's selftest too): no critical anomaly in its log or its metrics, and
+    `replay` of what it recorded reports exactly what it logged."""
     results, summary = lab
     log_name, record, _, journal = session.daemon_files(mode)
     with open(os.path.join(results, log_name)) as f:
@@ -977,8 +979,9 @@ def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
     with open(os.path.join(results, log_name)) as f:
         said = [line.split(": ", 1)[1] for line in f.read().splitlines()
                 if line.split(": ", 1)[-1].split(" ", 1)[0] in ("critical", "warning", "info")]
-    live, _ = replay(os.path.join(results, record))
+    live, model = replay(os.path.join(results, record))
     assert [report.anomaly_headline(a) for a in live] == said
+    assert not model.in_flight, model.last_unsettled   # no call ran on unseen to the end
     assert_journal_holds(os.path.join(results, journal), said)
     recorded, _ = replay(os.path.join(results, session.TRACE if mode == "bpf" else
                                       session.PROCFS_TRACE))

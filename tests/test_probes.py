@@ -1,15 +1,19 @@
 """The probe layer on this host: shapes from the real BTF, the generated program through bcc and
 the kernel's verifier (loading a program needs no kprobes; attaching does), and the status this
-host reports. Events themselves are tested in the lab (test_lab.py)."""
+host reports, and how a call whose return probe did not run is known to be over (its thread's
+/proc files here). Events themselves are tested in the lab (test_lab.py)."""
 
 import ctypes
+import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from observer.probes import program
+from conftest import FIXTURES
+from observer.probes import program, threads
 from observer.probes.btf import Btf
 from observer.probes.functions import ALL, ANNOTATIONS, CORE
 from observer.probes.loader import Probes
@@ -101,3 +105,44 @@ def test_a_function_left_only_as_compiler_clones_is_not_attached(tmp_path):
     assert st.reason == ("only compiler clones in kallsyms (online_pages.isra.0, online_pages.part.0): "
                          "their arguments may differ from the prototype")
     assert status["offline_pages"].symbol == "offline_pages"   # the others by their own name
+
+
+def test_a_thread_has_left_a_function_only_when_its_kernel_stack_or_its_end_says_so():
+    """threads.left on real threads of this host: a child asleep in `sleep` is inside
+    hrtimer_nanosleep (the frame its /proc stack shows) and not inside memremap_pages; this
+    thread, running, may be inside anything; a thread begun after the call entered is not the
+    one that entered it; and once the child is gone it is inside nothing."""
+    child = subprocess.Popen(["sleep", "30"])
+    entered = time.monotonic_ns()     # a call the child makes can only enter after it began
+    try:
+        deadline = time.monotonic() + 10
+        while "hrtimer_nanosleep+" not in open(f"/proc/{child.pid}/stack").read():
+            assert time.monotonic() < deadline, open(f"/proc/{child.pid}/stack").read()
+            time.sleep(0.05)
+        assert not threads.left(child.pid, "hrtimer_nanosleep", entered)
+        assert threads.left(child.pid, "memremap_pages", entered)
+        assert not threads.left(os.getpid(), "memremap_pages", entered)
+        assert threads.left(child.pid, "hrtimer_nanosleep", entered - 10**9)
+    finally:
+        child.kill()
+        child.wait()
+    assert threads.left(child.pid, "hrtimer_nanosleep", entered)
+
+
+def test_a_stack_says_a_thread_left_a_function_only_when_it_is_whole():
+    """Stacks the lab's probes took at entry (the kernel's unwinder, as /proc/<tid>/stack
+    has it). On 5.10 the unwinder stops at a kretprobe's trampoline, where the return address
+    into the caller was: devm_memremap_pages, running while its probed callee memremap_pages
+    runs, is not on that stack by name, and such a stack says nothing. On 6.1 it reaches the
+    syscall entry: a function on it is inside, one not on it has been left."""
+    def stacks(lab):
+        with open(os.path.join(FIXTURES, lab, "trace.jsonl")) as f:
+            return [[frame.split(" [")[0] for frame in r["stack"]] for r in map(json.loads, f)
+                    if r.get("fn") == "memremap_pages" and r.get("caller") != "map_at"]
+    for frames in stacks("lab-5.10"):
+        assert "devm_memremap_pages" not in frames and frames[-1] == "kretprobe_trampoline"
+        assert not threads.outside(frames, "devm_memremap_pages")
+    for frames in stacks("lab-6.1"):
+        assert frames[-1] == "entry_SYSCALL_64_after_hwframe"
+        assert not threads.outside(frames, "devm_memremap_pages")
+        assert threads.outside(frames, "online_pages")

@@ -1,15 +1,17 @@
 """Trace v1 reading, and the call-order release, on the traces Debian 6.1 and 6.12 lab guests
 recorded while running every scenario (tests/fixtures/lab-*/trace*.jsonl: kprobes, fentry,
-procfs mode)."""
+procfs mode), and on a 7.2 faults session's traces where a return probe did not run."""
 
 import json
+import os
 import random
+import re
 
 import pytest
 
 from conftest import FIXTURES
 from observer.model.model import Model
-from observer.probes.order import LOST, CallOrder
+from observer.probes.order import LOST, MISSED, CallOrder
 from observer.trace import TraceError, TraceWriter, read_trace
 
 TRACE = f"{FIXTURES}/lab-6.1/trace.jsonl"
@@ -167,6 +169,64 @@ def test_a_read_of_the_views_gets_a_running_call_at_once():
     assert [(r["type"], r["seq"]) for r in out] == \
         [("begun", outer["seq"])] + [("event", e["seq"]) for e in inside]
     assert order.next_seq == upto - 1 and order.release_to(upto) == []
+
+
+
+FAULTS_7_2 = f"{FIXTURES}/faults-7.2"
+
+
+def test_a_begun_call_gone_from_the_calls_in_flight_is_skipped_at_the_second_look():
+    # the map of calls in flight lost it (its return probe did not run): no event will come.
+    # At the first look its event may still be in the buffer: only a second look, a wait
+    # later, writes it skipped; an event that comes in between ends it as usual.
+    [begun] = [r for r in read_trace(f"{FAULTS_7_2}/trace.jsonl") if r["type"] == "begun"]
+    for event_between in (False, True):
+        running = {begun["seq"]: begun}
+        order = CallOrder(wait_seconds=1, in_flight=lambda: running)
+        order.next_seq = begun["seq"]
+        assert order.release_to(begun["seq"] + 1) == [dict(begun, type="begun")]
+        assert order.expire(now=10) == []           # still in flight
+        running = {}
+        assert order.expire(now=11) == []           # gone: the first look
+        if event_between:
+            event = dict(begun, type="event", ret="ok", duration_ns=1)
+            assert order.feed(event, now=11.5) == [event]
+        assert order.expire(now=11.5) == []         # not a wait after the first look
+        assert order.expire(now=12) == ([] if event_between else [
+            {"type": "skipped", "seq": begun["seq"], "count": 1, "reason": MISSED}])
+        assert not order.begun and order.skipped == (0 if event_between else 1)
+
+
+def test_a_call_whose_return_probe_did_not_run_no_longer_blinds_the_model():
+    """A CI run's 7.2 faults session: past-bits' memremap_pages (seq 33) returned (the module
+    said so in dmesg, and the fentry trace of the same session has its event), but its kretprobe
+    did not run, in the BPF daemon and the kprobe recorder alike. Written begun, the call ran
+    for ever in the model: no read of the views after it was judged, no leak after it said.
+    With the call order's skipped record for it, the kprobe trace makes every anomaly the fentry
+    trace makes but the lost call's own conflict, and says it lost the call."""
+    records = list(read_trace(f"{FAULTS_7_2}/trace.jsonl"))
+    [at] = [i for i, r in enumerate(records) if r["type"] == "begun"]
+    skipped = {"type": "skipped", "seq": records[at]["seq"], "count": 1, "reason": MISSED}
+
+    def judged(recs):
+        model = Model()
+        found = [a for r in recs for a in model.feed(r)] + model.finish()
+        return {(a.kind, a.severity, a.start_pfn, a.end_pfn) for a in found
+                if a.severity != "info"}, model
+
+    blind, model = judged(records)
+    assert model.last_unsettled == f"call seq {skipped['seq']} was running"
+    seeing, model = judged(records[:at + 1] + [skipped] + records[at + 1:])
+    assert model.snapshots["unsettled"] == 1        # the read as the recorder began
+    fentry, _ = judged(read_trace(f"{FAULTS_7_2}/trace-kfunc.jsonl"))
+    with open(f"{FAULTS_7_2}/steps.jsonl") as f:
+        [past_bits] = [r["out"] for r in map(json.loads, f) if r["step"] == "past-bits"]
+    lo, hi = (int(x, 16) // 4096 for x in re.search(r"\[mem (\w+)-(\w+)\]", past_bits).groups())
+    lost_conflict = ("device_private_conflict", "critical", lo, hi + 1)
+    assert lost_conflict in fentry and lost_conflict not in seeing
+    assert seeing - {("events_lost", "warning", None, None)} == fentry - {lost_conflict}
+    assert blind < seeing and {k for k, *_ in seeing - blind} >= {
+        "events_lost", "pagemap_leak", "resource_leak", "zone_span_leak"}
 
 
 # What each lab step did, as the lab's own step log says (steps.jsonl): the driver that asked for

@@ -406,6 +406,10 @@ class Model:
         self.sure = False
         self.expected = None
         count = rec.get("count", 1)
+        if rec["type"] == "skipped":   # a call written begun whose end will not come
+            first = rec["seq"]
+            self.in_flight = {s: t for s, t in self.in_flight.items()
+                              if not first <= s < first + count}
         what = f"{count} event(s) dropped by the BPF buffer" if rec["type"] == "lost" else \
             f"call seq {rec['seq']}" + (f" and the {count - 1} after it" if count > 1 else "") + \
             f" without event ({rec.get('reason', 'lost')})"

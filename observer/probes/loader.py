@@ -10,8 +10,10 @@ unobserved and never stops the others; strict makes any unobserved core function
 import contextlib
 import ctypes
 import logging
+import mmap
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -24,6 +26,7 @@ from .functions import ALL, ANNOTATIONS, CORE
 from .ksyms import Ksyms
 from .order import CallOrder
 from .pairing import Pairing
+from . import threads
 from .shapes import LayoutError, layouts as read_layouts, shape_of
 
 
@@ -186,6 +189,10 @@ class Probes:
         self._strict_check()
         if self.bpf is not None:
             self._pending = []
+            # read in place, not by syscall: a map syscall holds its CPU's bpf_prog_active, and a
+            # kprobe that fires there meanwhile (the syscall preempted) is skipped (threads.py)
+            self._counters = mmap.mmap(self.bpf[b"counters"].map_fd, mmap.PAGESIZE,
+                                       prot=mmap.PROT_READ)
             if self.ringbuf:
                 self.bpf[b"events"].open_ring_buffer(self._on_event)
             else:
@@ -267,9 +274,19 @@ class Probes:
         return decode(ev, shape, self.layouts, self.page_size, frames)
 
     def _in_flight(self):
-        """The entry halves of the calls still running, by seq (one read of their map)."""
+        """The entry halves of the calls still running, by seq (one read of their map). A call
+        whose thread has left the function is taken out of the map: its return probe did not
+        run, and no event will come (the call order writes it skipped)."""
         running = {}
-        for _key, ev in self.bpf[b"inflight"].items():
+        table = self.bpf[b"inflight"]
+        for key, ev in table.items():
+            if threads.left(ev.tid, self.functions[ev.fn], ev.ts_ns):
+                try:
+                    if table[key].seq == ev.seq:   # not the same thread's next call meanwhile
+                        del table[key]
+                except KeyError:
+                    pass
+                continue
             begun = self._decode(ev)
             for returned in ("ret", "duration_ns", "span_after", "pgmap"):
                 begun.pop(returned, None)
@@ -278,7 +295,11 @@ class Probes:
 
     def calls_begun(self):
         """How many calls have taken a number: every call numbered below it entered before now."""
-        return self.bpf[b"counters"][ctypes.c_int(0)].value if self.bpf is not None else 0
+        return self._counter(0) if self.bpf is not None else 0
+
+    def _counter(self, index):
+        """bpf/memhp.c's counters[index]."""
+        return struct.unpack_from("=Q", self._counters, 8 * index)[0]
 
     def released_below(self):
         """Every call numbered below it has been put out by poll (event, begun or skipped)."""
@@ -309,7 +330,7 @@ class Probes:
         self._pending = []
         out += self.order.expire(now)
         out = [self.pairing.feed(r) for r in out]
-        lost = self.bpf[b"counters"][ctypes.c_int(1)].value
+        lost = self._counter(1)
         new_lost, self.lost_seen = lost - self.lost_seen, lost
         return out, new_lost
 
@@ -318,6 +339,7 @@ class Probes:
 
     def close(self):
         if self.bpf is not None:
+            self._counters.close()
             self.bpf.cleanup()
             self.bpf = None
 

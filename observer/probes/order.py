@@ -11,9 +11,13 @@ in flight), and the trace says so at that place: a `begun` record for a call in 
 event then comes later with the same seq, or one `skipped` record for each run of consecutive
 numbers with neither event nor call (lost events: its `count` says how many). Order is kept,
 nothing waits long, nothing is dropped silently, and a storm that loses many events costs one
-record per run, not one per number."""
+record per run, not one per number. A call written `begun` whose entry has since left the map
+of calls in flight without an event (its return probe did not run: see threads.py) is written
+`skipped` too, once two looks a second apart found it gone, so the trace does not say it runs
+for ever."""
 
 LOST = "no event and no call in flight (lost)"
+MISSED = "begun, then gone from the calls in flight without an event (its return was not seen)"
 
 
 class CallOrder:
@@ -24,6 +28,8 @@ class CallOrder:
         self.in_flight = in_flight  # () -> {seq: the entry half of a running call (a dict)}
         self.begun = set()          # seqs written as `begun`, whose events are still to come
         self.skipped = 0            # numbers written as `skipped`
+        self.gone = set()           # begun seqs the last look at the calls in flight did not find
+        self.next_look = 0          # when to look for them again
 
     def feed(self, event, now):
         """Add one event (or a `left_out` record: a call the trace leaves out, which only frees
@@ -63,7 +69,20 @@ class CallOrder:
                 first = seq + 1
             self.next_seq = end
             out += self._release()
-        return out
+        return out + self._missed(now, running)
+
+    def _missed(self, now, running):
+        """`skipped` records for begun calls gone from the calls in flight at two looks, a
+        wait apart (at the first, the event may still be in the buffer, unread). running: the
+        calls in flight if expire has just read them, else None."""
+        if not self.begun or now < self.next_look:
+            return []
+        self.next_look = now + self.wait_seconds
+        gone = self.begun - set(self.in_flight() if running is None else running)
+        missed, self.gone = sorted(gone & self.gone), gone - self.gone
+        self.begun -= set(missed)
+        self.skipped += len(missed)
+        return [{"type": "skipped", "seq": s, "count": 1, "reason": MISSED} for s in missed]
 
     def release_to(self, upto):
         """Without waiting: records up to number `upto` where every number below it is either
