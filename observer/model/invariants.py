@@ -20,6 +20,7 @@ from ..views.iomem import IOMEM, walk
 from ..views.memory_blocks import MEMORY
 from ..views.zoneinfo import ZONEINFO
 from .anomaly import Anomaly
+from .ranges import pfns_of
 
 DEVICE_ZONE = "Device"  # ZONE_DEVICE spans never shrink since 5.5: not a leak (device_span_stale)
 
@@ -112,8 +113,8 @@ def span_leaks(zones, blocks, page_size, ts_ns, was_online=None):
 
 def _resource_anomaly(kind, r, page_size, ts_ns, message, evidence):
     """An anomaly about one iomem resource, its line in /proc/iomem first in the evidence."""
-    return Anomaly(kind, ts_ns=ts_ns, start_pfn=r.start // page_size,
-                   end_pfn=(r.end + 1) // page_size, message=message,
+    lo, hi = pfns_of(r.start, r.end, page_size)
+    return Anomaly(kind, ts_ns=ts_ns, start_pfn=lo, end_pfn=hi, message=message,
                    evidence=[f"{IOMEM}:{r.line} {r.start:x}-{r.end:x} : {r.name}", evidence])
 
 
@@ -146,9 +147,10 @@ def resource_anomalies(roots, blocks, page_size, ts_ns):
             j += 1
         covered = j < len(ram) and ram[j].start <= hi
         if b.state == "online" and not covered:
+            first, end = pfns_of(lo, hi, page_size)
             out.append(Anomaly(
                 "resource_missing", ts_ns=ts_ns, node=b.node, zone=b.zone,
-                start_pfn=lo // page_size, end_pfn=(hi + 1) // page_size,
+                start_pfn=first, end_pfn=end,
                 message=f"memory block {b.index} ({lo:#x}-{hi:#x}) is online but no System RAM "
                         f"resource covers it",
                 evidence=[_block_evidence(b), f"{IOMEM}: no System RAM over {lo:x}-{hi:x}"]))

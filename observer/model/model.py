@@ -23,7 +23,7 @@ import errno
 from ..formats import RecordError, snapshot_from_record
 from .anomaly import CRITICAL, INFO, Anomaly
 from .invariants import DEVICE_ZONE, judge_views
-from .ranges import RangeSet
+from .ranges import RangeSet, pfns_of
 
 SETTLE_NS = 1_000_000_000   # procfs mode: uevents quiet this long before a read that is judged
 HOLD_NS = 2_000_000_000     # a snapshot record without calls_before (older traces) is judged once
@@ -288,7 +288,7 @@ class Model:
         self.present = present
         if snap.resources is not None:
             # a PCI bus window claims the whole range it may route, owned or not
-            self.claimed = RangeSet((r.start // page, (r.end + 1) // page)
+            self.claimed = RangeSet(pfns_of(r.start, r.end, page)
                                     for r, _ in _walk(snap.resources)
                                     if not r.name.startswith("PCI Bus"))
         self.expected = {b.index: (b.state, b.zone) for b in snap.blocks.blocks} \
@@ -324,7 +324,7 @@ class Model:
         for r, _ in _walk(snap.resources or []):
             if not r.is_system_ram:
                 continue
-            lo, hi = r.start // page, (r.end + 1) // page
+            lo, hi = pfns_of(r.start, r.end, page)
             gone = self.removed.overlap(lo, hi)
             if not gone or gone == [(lo, hi)]:
                 continue   # wholly removed: the view rule says so ("no memory block under it")
@@ -672,7 +672,7 @@ class Model:
 
     def _pfn_ranges(self, pgmap):
         page = self.header["page_size"]
-        return [(a // page, (b + 1) // page) for a, b in pgmap["ranges"]]
+        return [pfns_of(a, b, page) for a, b in pgmap["ranges"]]
 
     def _on_memunmap_pages(self, e, judge):
         pgmap = e.get("pgmap")

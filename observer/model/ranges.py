@@ -5,6 +5,11 @@ of ranges, not the pages they hold."""
 from bisect import bisect_left, bisect_right
 
 
+def pfns_of(first_byte, last_byte, page_size):
+    """[lo, hi) pfns of an inclusive byte range: a resource's start and end, a pgmap's range."""
+    return first_byte // page_size, (last_byte + 1) // page_size
+
+
 class RangeSet:
     def __init__(self, ranges=()):
         self.los, self.his = [], []
