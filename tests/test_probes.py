@@ -55,6 +55,35 @@ def test_generated_program_passes_the_verifier(planned):
         b.cleanup()
 
 
+def test_fentry_types_spelled_without_headers_are_as_wide_as_the_kernels(planned):
+    """fentry programs declare each argument with BTF's type spelled to need no kernel header
+    (Btf.plain_type_name): clang, given the headers, makes every one of the kernel's own types
+    exactly as wide as its plain spelling, and the fentry program compiles with no header."""
+    from bcc import BPF
+    shapes = planned.shapes.values()
+    pairs = sorted({pair for s in shapes for pair in zip([t for _, t in s.params],
+                                                         [t for _, t in s.plain_params])} |
+                   {(s.return_type, s.plain_return) for s in shapes if s.returns != "void"})
+    fields = "".join(f"    {full} full_{i}; {plain} plain_{i};\n"
+                     for i, (full, plain) in enumerate(pairs))
+    b = BPF(text="".join(f"#include <linux/{h}.h>\n" for h in ("mmzone", "ioport", "memremap",
+                                                                 "memory_hotplug")) +
+            "struct widths {\n" + fields + "};\nBPF_ARRAY(widths, struct widths, 1);\n")
+    try:
+        leaf = b[b"widths"].Leaf
+        for i, pair in enumerate(pairs):
+            assert getattr(leaf, f"full_{i}").size == getattr(leaf, f"plain_{i}").size, pair
+    finally:
+        b.cleanup()
+
+    class CompileOnly(BPF):      # attaching fentry is refused here
+        def _trace_autoload(self):
+            pass
+    text = planned.text("kfunc")
+    assert "#include <linux/mm" not in text
+    CompileOnly(text=text).cleanup()
+
+
 def test_event_layout_is_the_same_in_c_and_python(planned):
     # bcc builds a ctypes class for a map's value from clang's own layout of struct event
     from bcc import BPF
@@ -86,8 +115,11 @@ def test_probes_reports_what_this_kernel_allows():
     ebpf = subprocess.run([EXE, "probes", "--ebpf"], capture_output=True, text=True, timeout=120)
     assert ebpf.returncode == 0
     if not kprobes:
-        assert "KFUNC_PROBE(arch_add_memory, int nid, u64 start, u64 size, struct mhp_params *params)" in ebpf.stdout
-        assert "KRETFUNC_PROBE(arch_add_memory, int nid, u64 start, u64 size, struct mhp_params *params, int ret)" in ebpf.stdout
+        # arch_add_memory(int nid, u64 start, u64 size, struct mhp_params *params), spelled to
+        # need no kernel header
+        head = "arch_add_memory, s32 nid, u64 start, u64 size, struct mhp_params *params"
+        assert f"KFUNC_PROBE({head})" in ebpf.stdout
+        assert f"KRETFUNC_PROBE({head}, s32 ret)" in ebpf.stdout
 
 
 def test_a_function_left_only_as_compiler_clones_is_not_attached(tmp_path):

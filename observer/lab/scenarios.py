@@ -113,8 +113,11 @@ def default_scenarios():
 
 
 # The lab's modules (module/*.c, built per kernel by kernels.lab_module)
-FAULT_SETTLE_SECONDS = 12   # long enough for the recorders (a read every 5 s; procfs mode wants
-                            # two settled reads that agree) and the daemons to judge the state it left
+# Long enough for every observer to judge the state a step left: the recorders read the views
+# every 3 s (session.SNAPSHOT_SECONDS), and procfs mode judges a read only a second past the last
+# uevent and when it agrees with the read before: two reads after the uevents udev's onlining
+# may still make once the action returned.
+FAULT_SETTLE_SECONDS = 9
 
 
 def action_file(module):

@@ -84,7 +84,7 @@ CONFIG = "config"   # the guest kernel's config (Debian's), for the fidelity tab
 TRACE = "trace.jsonl"
 PROCFS_TRACE = "trace-procfs.jsonl"
 KFUNC_TRACE = "trace-kfunc.jsonl"
-SNAPSHOT_SECONDS = 5   # the recorders read the views this often, hotplug in flight or not
+SNAPSHOT_SECONDS = 3   # the recorders read the views this often, hotplug in flight or not
 
 
 def start_recorder(guest, trace, mode="bpf", method="auto"):

@@ -80,9 +80,34 @@ class Btf:
             return "function"
         return prefix + name
 
-    def func_params(self, name):
+    def plain_type_name(self, tid):
+        """A spelling of the type that compiles without the kernel's headers, as wide as it: an
+        integer (typedefs and enums followed to it) as u8..u64, s8..s64 or bool; a pointer to a
+        struct or union as itself (declared ahead: `struct zone;`), any other pointer void *."""
+        if tid == 0:
+            return "void"
+        kind, name_off, ref, _vlen, body, kind_flag = self.types[tid]
+        if kind in (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG):
+            return self.plain_type_name(ref)
+        if kind == PTR:
+            target = ref
+            while target and self.types[target][0] in (TYPEDEF, VOLATILE, CONST, RESTRICT,
+                                                        TYPE_TAG):
+                target = self.types[target][2]
+            pointee = self.types[target][0] if target else None
+            return self.type_name(target) + " *" if pointee in (STRUCT, UNION, FWD) else "void *"
+        if kind == INT:
+            encoding = struct.unpack_from("<I", self.data, body)[0] >> 24
+            if encoding & 4:
+                return "bool"
+            return f"{'s' if encoding & 1 else 'u'}{ref * 8}"
+        if kind in (ENUM, ENUM64):
+            return f"{'s' if kind_flag else 'u'}{ref * 8}"
+        return self.type_name(tid)
+
+    def func_params(self, name, plain=False):
         """[(param name, C type)] of a kernel function, or None when BTF has no such function
-        (absent, or inlined everywhere)."""
+        (absent, or inlined everywhere). plain: the types as plain_type_name spells them."""
         fid = self.funcs.get(name)
         if fid is None:
             return None
@@ -93,12 +118,14 @@ class Btf:
         params = []
         for i in range(vlen):
             name_off, tid = struct.unpack_from("<II", self.data, body + 8 * i)
-            params.append((self._str(name_off), self.type_name(tid)))
+            params.append((self._str(name_off),
+                           (self.plain_type_name if plain else self.type_name)(tid)))
         return params
 
-    def func_return(self, name):
+    def func_return(self, name, plain=False):
         fid = self.funcs.get(name)
-        return None if fid is None else self.type_name(self.types[self.types[fid][2]][2])
+        spell = self.plain_type_name if plain else self.type_name
+        return None if fid is None else spell(self.types[self.types[fid][2]][2])
 
     def struct_members(self, name):
         """{member: C type} of `struct name` (anonymous unions' members included), or None."""

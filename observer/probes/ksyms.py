@@ -1,6 +1,8 @@
 """Kernel addresses to "function [module]" names from /proc/kallsyms. bcc's own ksym() caches
 kallsyms once, so modules loaded later (kmem, virtio_mem, loaded on demand) resolve to the wrong
-neighbour; this table reloads whenever /proc/modules changes.
+neighbour; this table reloads whenever a module is loaded, unloaded or goes live (its init
+symbols go), not when a use count changes as devices come and go: parsing kallsyms takes
+seconds under TCG.
 
 Lookups are bounded by module: an address inside a module's memory (its base and size in
 /proc/modules) is named only by that module's own symbols. Without the bound, the nearest symbol
@@ -39,7 +41,9 @@ class Ksyms:
                 mods = f.read()
         except FileNotFoundError:   # a kernel built without modules
             mods = ""
-        if mods == self.seen_modules:
+        # name, size, state and address: not the use count and users between them
+        loaded = [line.split()[:2] + line.split()[4:6] for line in mods.splitlines()]
+        if loaded == self.seen_modules:
             return
         table = []
         with open(self.kallsyms) as f:
@@ -58,7 +62,7 @@ class Ksyms:
             addrs.append(a)
             names.append(f"{n} [{m}]")
         self.ranges = parse_modules(mods)
-        self.seen_modules = mods
+        self.seen_modules = loaded
 
     def _modules_at(self, addr):
         return [name for start, end, name in self.ranges if start <= addr < end]

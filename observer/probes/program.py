@@ -97,6 +97,19 @@ def _finish(shape, ret, ringbuf):
     return lines
 
 
+def _plain_args(shape):
+    """fentry's argument list: BTF's names, the types spelled to compile without headers."""
+    return ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.plain_params)
+
+
+def _declarations(shapes):
+    """`struct zone;` and the like: the structs fentry's arguments point at, declared ahead."""
+    types = [t for s in shapes for _, t in s.plain_params] + [s.plain_return for s in shapes]
+    names = sorted({t[:-2] for t in types if t.startswith(("struct ", "union ")) and
+                    t.endswith(" *")})
+    return "\n".join(f"{name};" for name in names)
+
+
 def _probe_pair(index, shape, ringbuf, method):
     """C for one function's entry and return probes."""
     nl = "\n    "
@@ -106,9 +119,9 @@ def _probe_pair(index, shape, ringbuf, method):
         reads = _reads(shape, lambda pos, name: f"PT_REGS_PARM{pos}(ctx)")
         ret = "PT_REGS_RC(ctx)" if shape.returns != "void" else None
     else:   # fentry/fexit: arguments by name and BTF type, the return value as the last one
-        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.params)
+        args = _plain_args(shape)
         enter = f"KFUNC_PROBE({shape.function}, {args})"
-        ret_arg = "" if shape.returns == "void" else f", {shape.return_type} ret"
+        ret_arg = "" if shape.returns == "void" else f", {shape.plain_return} ret"
         leave = f"KRETFUNC_PROBE({shape.function}, {args}{ret_arg})"
         reads = _reads(shape, lambda pos, name: name)
         ret = "ret" if shape.returns != "void" else None
@@ -150,8 +163,7 @@ def _annotation_probe(index, shape, target, method):
         enter = f"int enter_{index}(struct pt_regs *ctx)"
         page_arg, reason_arg = f"PT_REGS_PARM{page}(ctx)", f"PT_REGS_PARM{reason}(ctx)"
     else:
-        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.params)
-        enter = f"KFUNC_PROBE({shape.function}, {args})"
+        enter = f"KFUNC_PROBE({shape.function}, {_plain_args(shape)})"
         page_arg, reason_arg = shape.params[page - 1][0], shape.params[reason - 1][0]
     return f"""// {shape.describe()}: annotates the call {target} in flight on this thread
 {enter} {{
@@ -235,6 +247,7 @@ def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotat
     output = ("BPF_RINGBUF_OUTPUT(events, 64);  // one order for all CPUs" if ringbuf else
               "BPF_PERF_OUTPUT(events);  // per CPU: Python restores call order by seq")
     replacements = {
+        "@DECLARATIONS@": "" if method == "kprobe" else _declarations(shapes.values()),
         "@EVENT_FIELDS@": "\n".join(_c_field(n, t) for n, t in FIELDS),
         "@OFFSETS@": _offsets(layouts),
         "@OUTPUT_DECL@": output,

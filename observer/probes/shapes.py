@@ -46,6 +46,10 @@ class Shape:
     roles: Tuple[Tuple[int, str], ...]      # (1-based position, role)
     returns: str                            # "int", "void", "pointer", "resource"
     return_type: str = "int"                # the C type BTF gives
+    # the same types spelled to compile without the kernel's headers (Btf.plain_type_name): what
+    # fentry programs are declared with
+    plain_params: Tuple[Tuple[str, str], ...] = ()
+    plain_return: str = "int"
 
     def role_position(self, role) -> Optional[int]:
         return next((pos for pos, r in self.roles if r == role), None)
@@ -73,7 +77,8 @@ def shape_of(btf, function):
     roles = tuple((i, ROLE_BY_PARAM[p]) for i, p in enumerate(params[:MAX_ARGS], 1)
                   if p in ROLE_BY_PARAM)
     ret = btf.func_return(function)
-    return Shape(function, tuple(params), roles, _return_kind(ret), ret)
+    return Shape(function, tuple(params), roles, _return_kind(ret), ret,
+                 tuple(btf.func_params(function, plain=True)), btf.func_return(function, plain=True))
 
 
 def shapes(btf, functions=ALL):
