@@ -97,7 +97,7 @@ class Model:
         self.blocks_at_start = None  # indexes of the first judged snapshot's blocks still there
         self.removals = {}         # first pfn of a removed System RAM range -> its event
         self.calls = []            # (entry ts, return ts) of calls since the last judged read
-        self.in_flight = {}        # seq -> entry ts of calls begun and not yet returned
+        self.in_flight = {}        # seq -> (entry ts, function, tid) of calls begun, not returned
         self.uevent_times = []     # ts of memory-block uevents not older than a judged read
         self.sure = False          # every call since the last rebase was seen (none lost)
         self.expected = None       # block index -> (state, zone) that the events say, or None
@@ -138,7 +138,7 @@ class Model:
         elif kind == "event":
             out += self._event(rec)
         elif kind == "begun":
-            self.in_flight[rec["seq"]] = rec["ts_ns"]
+            self.in_flight[rec["seq"]] = (rec["ts_ns"], rec.get("fn"), rec.get("tid"))
         elif kind == "uevent":
             self.uevent_times.append(rec["ts_ns"])
         elif kind in ("lost", "skipped"):
@@ -216,7 +216,7 @@ class Model:
         moving = [b for b in snap.blocks.blocks if b.state not in ("online", "offline")]
         if moving:
             return f"memory block {moving[0].index} is {moving[0].state}"
-        running = [seq for seq, ts in self.in_flight.items() if ts < r1]
+        running = [seq for seq, (ts, _, _) in self.in_flight.items() if ts < r1]
         if running:
             return f"call seq {running[0]} was running"
         if any(ts < r1 and end > r0 for ts, end in self.calls):
@@ -540,9 +540,13 @@ class Model:
         """Whether the call `e` ran inside the memremap_pages or memunmap_pages of a pagemap over
         its range. Before 5.17 neither arch_add_memory's mhp_params nor __remove_pages carry the
         pgmap: the call around them is what tells a ZONE_DEVICE add or remove (the trace gives
-        the outer call first, numbered at entry, so a call that ended before `e` began is done)."""
+        the outer call first, numbered at entry, so a call that ended before `e` began is done).
+        An outer call still running when a read of the views wanted its place is `begun`, its
+        pgmap (read at return) not yet known: then `e` is in it when on the same thread."""
         self._calls_done_before(e)
-        return any(a < hi and lo < b for _, ranges in self.pagemap_calls for a, b in ranges)
+        return any(a < hi and lo < b for _, ranges in self.pagemap_calls for a, b in ranges) or \
+            any(fn in ("memremap_pages", "memunmap_pages") and tid == e.get("tid") and
+                ts <= e["ts_ns"] for ts, fn, tid in self.in_flight.values())
 
     def _pagemap_call(self, e, ranges):
         self._calls_done_before(e)
