@@ -1,0 +1,91 @@
+"""`.venv/bin/python -m bench`: the benchmarks of DESIGN.md §7 that run on this host, each as a
+ratio to a reference measured in the same run (absolute times drift on this machine). Progress
+goes to stderr; the report (Markdown: the machine, the date, each benchmark's method, the
+figures against their budgets) to stdout, or to --out (BENCHMARKS.md). No figure is a pass or a
+fail of the suite: it only runs `--quick` to see that every benchmark still runs."""
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+
+from . import idle, reconcile, replay
+
+BENCHMARKS = (reconcile, replay, idle)
+PLOT = os.path.join("docs", "bench-replay-scaling.png")   # beside the report
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes and short runs: only that every benchmark still runs")
+    ap.add_argument("--out", help="write the report here (BENCHMARKS.md) instead of stdout")
+    args = ap.parse_args(argv)
+    if not os.access(reconcile.NODE_EXPORTER, os.X_OK):
+        sys.exit(f"bench: no {reconcile.NODE_EXPORTER}, the reference: install Debian's "
+                 f"prometheus-node-exporter (scripts/setup.sh --test-tools)")
+
+    def progress(s):
+        print(f"bench: {s}", file=sys.stderr, flush=True)
+
+    sizes, rounds, idle_seconds = ((1000,), 3, 5) if args.quick else ((1000, 10_000, 100_000), 15, 60)
+    plot = os.path.join(os.path.dirname(args.out), PLOT) if args.out else None
+    with tempfile.TemporaryDirectory(prefix="memhp-bench-") as work:
+        rows = (reconcile.rows(sizes, rounds, work, progress) +
+                replay.rows(args.quick, work, progress, plot) + idle.rows(idle_seconds, progress))
+    text = report(rows, " ".join(["python -m bench"] + (argv if argv is not None else sys.argv[1:])),
+                  plot and PLOT)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        progress(f"report written to {args.out}")
+    else:
+        sys.stdout.write(text)
+
+
+def report(rows, command, plot=None):
+    lines = ["# Benchmarks", "",
+             f"Made by `{command}` on {datetime.date.today().isoformat()}, on {machine()}. "
+             "Every figure is a ratio to a reference measured in the same run, or a share of one "
+             "core; the budgets are DESIGN.md §7's.", "",
+             "| benchmark | where | measured | reference | ratio | budget | within |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        lines.append(f"| {r['benchmark']} | {r['where']} | {r['measured']} | {r['reference']} | "
+                     f"{ratio} | {r['budget']} | {'yes' if r['within'] else '**no**'} |")
+    if plot:
+        lines += ["", f"![replay throughput against trace length and host size]({plot})"]
+    lines += ["", "## Method", ""]
+    for module in BENCHMARKS:
+        lines += [" ".join(module.__doc__.split()), ""]
+    return "\n".join(lines)
+
+
+def machine():
+    """CPU, cores, memory, kernel and distribution of this machine, in one line."""
+    def first(path, key):
+        try:
+            with open(path) as f:
+                return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)),
+                            "?")
+        except OSError:
+            return "?"
+    memory = int(first("/proc/meminfo", "MemTotal").split()[0]) // 2**20
+    return (f"{first('/proc/cpuinfo', 'model name')}, {os.cpu_count()} cores, {memory} GiB, "
+            f"kernel {platform.release()}, {_os_name()}")
+
+
+def _os_name():
+    try:
+        with open("/etc/os-release") as f:
+            return next(line.split("=", 1)[1].strip().strip('"') for line in f
+                        if line.startswith("PRETTY_NAME="))
+    except (OSError, StopIteration):
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

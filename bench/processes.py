@@ -1,0 +1,60 @@
+"""Servers a benchmark starts and measures: started, waited for, stopped, their CPU and memory."""
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A process serving /metrics on 127.0.0.1:port, for the length of a with block."""
+
+    def __init__(self, argv, port, timeout=60):
+        self.argv, self.port, self.timeout = argv, port, timeout
+        self.proc = None
+
+    def __enter__(self):
+        self.log = tempfile.TemporaryFile(mode="w+")   # not a pipe: a full one would stall it
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=self.log)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.log.seek(0)
+                    said = self.log.read()[-1000:]
+                    self.__exit__()
+                    raise RuntimeError(f"{self.argv[0]} did not serve /metrics: {said}") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *_):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    def cpu_seconds(self):
+        """User and system CPU time the process has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND   # utime, stime
+
+    def rss_bytes(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))

@@ -1,0 +1,164 @@
+"""Replay throughput and its scaling. A synthetic BPF-mode trace is generated from a valid
+operation sequence: this project's host capture grown to N memory blocks (the added ones online
+in Movable), then offline and online of blocks inside Movable, one after another, each an
+offline_pages and an online_pages event as Debian 6.1's probes record them (span and present
+pages before and after) with its two uevents, and a read of the views (a snapshot record)
+every 1,000 events; replay must judge every read and find nothing above info. `replay` of the
+file (read, parse and model) is timed against a raw JSON parse of the same file, in one run:
+for 10^4..10^6 events on a host of 10^3 blocks, and for 10^5 events on hosts of 10^3..10^6
+blocks. Budget (DESIGN.md §7): ≥ 200,000 events/s, ≥ 0.5× the raw parse, and the cost per
+event flat across host sizes (here: the largest host's no more than 1.25× the smallest's)."""
+
+import json
+import os
+import time
+
+from observer import formats, snapshot
+from observer.pipeline import replay
+
+from .trees import HOST
+
+MIN_EVENTS_PER_SECOND = 200_000
+MIN_PARSE_RATIO = 0.5
+MAX_COST_GROWTH = 1.25
+SNAPSHOT_EVERY = 1000                 # events between reads of the views
+TEMPLATES = os.path.join(os.path.dirname(HOST), "lab-6.1", "trace.jsonl")   # header, events
+PAGE, BLOCK = 4096, 128 << 20
+PER_BLOCK = BLOCK // PAGE
+
+
+def generate(path, events, blocks):
+    """Write the trace; (events written, snapshots written)."""
+    with open(TEMPLATES) as f:
+        records = [json.loads(line) for line in f]
+    header = dict(records[0], start_monotonic_ns=10**9)
+    template = {fn: next(r for r in records if r.get("fn") == fn and r.get("ret") == 0)
+                for fn in ("offline_pages", "online_pages")}
+    view = formats.snapshot_record(snapshot.take(HOST), 0, 0, 0)
+    first = max(r["last_block"] for r in view["memory_blocks"]) + 1
+    movable = blocks - sum(r["last_block"] - r["first_block"] + 1 for r in view["memory_blocks"])
+    if movable < 3:
+        raise ValueError(f"a host of {blocks} blocks is smaller than the capture it grows")
+    start, present = first * PER_BLOCK, movable * PER_BLOCK
+    view["memory_blocks"].append({"start": first * BLOCK, "end": (first + movable) * BLOCK - 1,
+                                  "size": movable * BLOCK, "state": "online", "zone": "Movable",
+                                  "node": 0, "first_block": first, "last_block": first + movable - 1})
+    for z in view["zones"]:
+        if z["zone"] == "Movable":
+            z.update(start_pfn=start, end_pfn=start + present, spanned_pages=present,
+                     present_pages=present, managed_pages=present)
+    # the grown RAM goes past the PCI windows the capture had up there: they go, as in trees.py
+    view["iomem"] = [r for r in view["iomem"] if r[0] < first * BLOCK] + \
+        [[first * BLOCK, (first + movable) * BLOCK - 1, 0, "System RAM"]]
+    span = {"start_pfn": start, "spanned": present}
+    ts, seq, snapshots = 2 * 10**9, 0, 0
+    with open(path, "w") as f:
+        def write(rec):
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+
+        def read_views():
+            nonlocal ts, snapshots
+            write(dict(view, ts_ns=ts + 10**6, read_start_ns=ts, calls_before=seq))
+            ts, snapshots = ts + 2 * 10**6, snapshots + 1
+        write(header)
+        read_views()
+        for i in range(events):
+            block = first + 1 + i // 2 % (movable - 2)      # never an edge: the span stays
+            offline = i % 2 == 0
+            before = present if offline else present - PER_BLOCK
+            after = present - PER_BLOCK if offline else present
+            fn = "offline_pages" if offline else "online_pages"
+            write(dict(template[fn], seq=seq, ts_ns=ts, duration_ns=10**5,
+                       start_pfn=block * PER_BLOCK, nr_pages=PER_BLOCK,
+                       span_before=dict(span, present=before), span_after=dict(span, present=after)))
+            write({"type": "uevent", "action": "offline" if offline else "online",
+                   "block": block, "seqnum": seq, "ts_ns": ts + 2 * 10**5})
+            seq, ts = seq + 1, ts + 10**6
+            if seq % SNAPSHOT_EVERY == 0:
+                ts += 2 * 10**9   # the views read a while after: settled
+                read_views()
+    return events, snapshots
+
+
+def measure(path, events, snapshots):
+    """(replay events/s, raw JSON parse events/s) of one trace."""
+    t = time.perf_counter()
+    with open(path) as f:
+        for line in f:
+            json.loads(line)
+    parse = time.perf_counter() - t
+    t = time.perf_counter()
+    found, model = replay(path)
+    seconds = time.perf_counter() - t
+    said = [a.message for a in found if a.severity != "info"]
+    if said or model.snapshots["judged"] != snapshots:
+        raise RuntimeError(f"{path}: the synthetic trace is not a healthy one: {said[:3]} "
+                           f"{model.snapshots} of {snapshots} reads ({model.last_unsettled})")
+    return events / seconds, events / parse
+
+
+def runs(quick):
+    """(events, blocks) pairs: events grow on the smallest host, then hosts grow."""
+    if quick:
+        return [(2000, 1000)]
+    return [(10**4, 10**3), (10**5, 10**3), (10**6, 10**3),
+            (10**5, 10**4), (10**5, 10**5), (10**5, 10**6)]
+
+
+def rows(quick, workdir, progress, plot=None):
+    """The report's rows; plot: a PNG path for the scaling figure, or None."""
+    results = []
+    for events, blocks in runs(quick):
+        where = f"{events:,} events, {blocks:,} blocks"
+        progress(f"replay: generating {where}")
+        path = os.path.join(workdir, f"trace-{events}-{blocks}.jsonl")
+        written = generate(path, events, blocks)
+        progress(f"replay: timing {where}")
+        results.append((events, blocks, *measure(path, *written)))
+        os.unlink(path)   # generated here, nobody else's
+    out = []
+    for events, blocks, rate, parse in results:
+        out.append({"benchmark": "replay throughput", "where": f"{events:,} events, "
+                    f"{blocks:,} blocks", "measured": f"{rate:,.0f} events/s",
+                    "reference": f"raw JSON parse {parse:,.0f} events/s", "ratio": rate / parse,
+                    "budget": f"≥ {MIN_EVENTS_PER_SECOND:,} events/s, ≥ {MIN_PARSE_RATIO}×",
+                    "within": rate >= MIN_EVENTS_PER_SECOND and rate / parse >= MIN_PARSE_RATIO})
+    by_host = sorted((blocks, rate) for events, blocks, rate, _ in results
+                     if events == results[-1][0])
+    if len(by_host) > 1:
+        (small, fast), (large, slow) = by_host[0], by_host[-1]
+        growth = fast / slow
+        out.append({"benchmark": "replay cost per event across hosts", "where":
+                    f"{small:,} → {large:,} blocks", "measured": f"{1e6 / slow:.2f} µs/event",
+                    "reference": f"{1e6 / fast:.2f} µs/event at {small:,} blocks",
+                    "ratio": growth, "budget": f"≤ {MAX_COST_GROWTH}×",
+                    "within": growth <= MAX_COST_GROWTH})
+    if plot:
+        _plot(results, plot)
+    return out
+
+
+def _plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (by_events, by_blocks) = plt.subplots(1, 2, figsize=(10, 4))
+    smallest = min(b for _, b, _, _ in results)
+    for ax, points, label in (
+            (by_events, [(e, r, p) for e, b, r, p in results if b == smallest],
+             f"trace events (host of {smallest:,} blocks)"),
+            (by_blocks, [(b, r, p) for e, b, r, p in results if e == results[-1][0]],
+             f"host memory blocks ({results[-1][0]:,} events)")):
+        points.sort()
+        ax.plot([x for x, _, _ in points], [r for _, r, _ in points], "o-", label="replay")
+        ax.plot([x for x, _, _ in points], [p for _, _, p in points], "s--", label="raw JSON parse")
+        ax.axhline(MIN_EVENTS_PER_SECOND, color="red", linestyle=":", label="budget")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("events/s")
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

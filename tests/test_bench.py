@@ -1,0 +1,32 @@
+"""The benchmarks still run (`python -m bench --quick`: every one, on small sizes, into a
+report). Their figures are not judged here: DESIGN.md §7's budgets are ratios a benchmark
+reports (BENCHMARKS.md), never timed tests."""
+
+import os
+import re
+import subprocess
+import sys
+
+from bench import __main__ as bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_benchmark_runs_into_the_report(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "bench: replay: timing" in run.stderr            # progress, as it goes
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    assert {(r[0].lstrip("| "), r[1]) for r in rows} == {
+        ("reconcile (median of 3)", "this host"), ("scrape (median of 3)", "this host"),
+        ("reconcile (median of 3)", "1,000 blocks"), ("scrape (median of 3)", "1,000 blocks"),
+        ("replay throughput", "2,000 events, 1,000 blocks"),
+        ("idle daemon CPU, procfs mode, 10 s reconcile", "this host")}
+    assert all(re.fullmatch(r"[\d.]+×|—", r[4]) and r[6].rstrip(" |") in ("yes", "**no**")
+               for r in rows)
+    for module in bench.BENCHMARKS:
+        assert " ".join(module.__doc__.split()) in text
+    assert (tmp_path / bench.PLOT).stat().st_size > 0
