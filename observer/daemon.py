@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, start_http_se
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
 from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
-from .metrics import DURATION_BUCKETS, StateCollector
+from .metrics import DURATION_BUCKETS, StateCollector, block_counts
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
 from .report import anomaly_headline
@@ -52,6 +52,7 @@ class State:
     reconcile_errors: int = 0
     offline_since: dict = field(default_factory=dict)   # block index -> (node, monotonic time
                                                         # it was first read offline)
+    block_counts: dict = field(default_factory=dict)    # metrics.block_counts of the snapshot
     pagemap_bytes: dict = field(default_factory=dict)   # pagemap type -> bytes mapped (BPF mode)
 
 
@@ -212,8 +213,9 @@ class Daemon:
         now, before = time.monotonic(), self.current.offline_since
         offline = {b.index: before.get(b.index, (b.node, now)) for b in snap.blocks.blocks
                    if b.state == "offline"}
-        self._update(snapshot=snap, reconciled_at=time.time(),
-                     reconcile_seconds=time.monotonic() - began, offline_since=offline)
+        self._update(snapshot=snap, block_counts=block_counts(snap.blocks),
+                     reconciled_at=time.time(), reconcile_seconds=time.monotonic() - began,
+                     offline_since=offline)
 
     def loop(self):
         """Feed the model what the source puts out; reconcile every interval, and soon after a

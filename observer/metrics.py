@@ -15,7 +15,9 @@ DURATION_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1,
                     300)
 
 
-def _blocks_by_key(blocks):
+def block_counts(blocks):
+    """(node, zone, state) -> memory blocks: counted once per reconcile, not at every scrape
+    (a scrape costs the same on any number of blocks)."""
     counts = {}
     for b in blocks.blocks:
         # offline blocks, and online blocks spanning several zones, are in no single zone:
@@ -113,7 +115,7 @@ class StateCollector:
 
         blocks = GaugeMetricFamily("memhp_memory_blocks", "Memory blocks by node, zone and state",
                                    labels=["node", "zone", "state"])
-        for (node, zone, state), n in sorted(_blocks_by_key(s.snapshot.blocks).items()):
+        for (node, zone, state), n in sorted(s.block_counts.items()):
             blocks.add_metric([node, zone, state], n)
         yield blocks
         offline = GaugeMetricFamily("memhp_memory_block_offline_seconds", "How long the block "
