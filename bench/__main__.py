@@ -66,25 +66,22 @@ def report(rows, command, plot=None):
 
 def machine():
     """CPU, cores, memory, kernel and distribution of this machine, in one line."""
-    def first(path, key):
-        try:
-            with open(path) as f:
-                return next((line.split(":", 1)[1].strip() for line in f if line.startswith(key)),
-                            "?")
-        except OSError:
-            return "?"
-    memory = int(first("/proc/meminfo", "MemTotal").split()[0]) // 2**20
-    return (f"{first('/proc/cpuinfo', 'model name')}, {os.cpu_count()} cores, {memory} GiB, "
-            f"kernel {platform.release()}, {_os_name()}")
+    memory = int(_first("/proc/meminfo", "MemTotal", ":").split()[0]) // 2**20
+    return (f"{_first('/proc/cpuinfo', 'model name', ':')}, {os.cpu_count()} cores, {memory} GiB, "
+            f"kernel {platform.release()}, {_first('/etc/os-release', 'PRETTY_NAME', '=')}")
 
 
-def _os_name():
+def _first(path, key, separator):
+    """The value of the first `key<separator>value` line of a file, or "?"."""
     try:
-        with open("/etc/os-release") as f:
-            return next(line.split("=", 1)[1].strip().strip('"') for line in f
-                        if line.startswith("PRETTY_NAME="))
-    except (OSError, StopIteration):
-        return "?"
+        with open(path) as f:
+            for line in f:
+                name, found, value = line.partition(separator)
+                if found and name.strip() == key:
+                    return value.strip().strip('"')
+    except OSError:
+        pass
+    return "?"
 
 
 if __name__ == "__main__":

@@ -3,12 +3,10 @@ minute in procfs mode at the default reconcile interval, on this host's views, s
 measured by the benchmark (after 5 s to start). Budget (DESIGN.md §7): ≤ 0.5% of one core."""
 
 import os
-import sys
 import time
 
-from .processes import Server, free_port
+from .processes import EXE, Server, free_port
 
-EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
 BUDGET_PERCENT = 0.5
 
 

@@ -3,11 +3,13 @@
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")   # the venv's daemon
 
 
 def free_port():

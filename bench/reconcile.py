@@ -8,18 +8,16 @@ blocks (bench/trees.py). Budget (DESIGN.md §7): each ≤ 1.0× the reference, a
 import os
 import shutil
 import statistics
-import sys
 import time
 import urllib.request
 
 from observer.model.model import Model
 from observer.sources.live import LiveSource
 
-from .processes import Server, free_port
+from .processes import EXE, Server, free_port
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 BUDGET = 1.0   # × the reference
-EXE = os.path.join(os.path.dirname(sys.executable), "memhp-observer")
 
 
 def measure(root, rounds, progress):

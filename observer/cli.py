@@ -13,7 +13,7 @@ from .views.source import ViewError
 EPILOG = """examples:
   memhp-observer snapshot                    zones, memory blocks and resources of this host
   memhp-observer snapshot --json | jq .zones
-  memhp-observer snapshot --root tests/fixtures/host-bookworm
+  memhp-observer snapshot --root tests/fixtures/host-6.18
   memhp-observer check                       invariants of this host's views (exit 1 on critical)
   memhp-observer run --listen 127.0.0.1:9477  the daemon; curl -s localhost:9477/metrics
   memhp-observer record -o t.jsonl           a trace of hotplug calls and views (Ctrl-C ends it)

@@ -14,6 +14,7 @@ MAGIC = 0xEB9F
 _EXTRA = {INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
           FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12)}
 _MODIFIERS = {VOLATILE: "volatile", CONST: "const", RESTRICT: "restrict", TYPE_TAG: ""}
+_SEE_THROUGH = (TYPEDEF, *_MODIFIERS)   # kinds that name another type and add nothing to its width
 
 
 class BtfError(Exception):
@@ -87,12 +88,11 @@ class Btf:
         if tid == 0:
             return "void"
         kind, name_off, ref, _vlen, body, kind_flag = self.types[tid]
-        if kind in (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG):
+        if kind in _SEE_THROUGH:
             return self.plain_type_name(ref)
         if kind == PTR:
             target = ref
-            while target and self.types[target][0] in (TYPEDEF, VOLATILE, CONST, RESTRICT,
-                                                        TYPE_TAG):
+            while target and self.types[target][0] in _SEE_THROUGH:
                 target = self.types[target][2]
             pointee = self.types[target][0] if target else None
             return self.type_name(target) + " *" if pointee in (STRUCT, UNION, FWD) else "void *"

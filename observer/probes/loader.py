@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import program
+from . import program, threads
 from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
 from .decode import decode
@@ -26,7 +26,6 @@ from .functions import ALL, ANNOTATIONS, CORE
 from .ksyms import Ksyms
 from .order import CallOrder
 from .pairing import Pairing
-from . import threads
 from .shapes import LayoutError, layouts as read_layouts, shape_of
 
 
@@ -274,10 +273,21 @@ class Probes:
         return decode(ev, shape, self.layouts, self.page_size, frames)
 
     def _in_flight(self):
-        """The entry halves of the calls still running, by seq (one read of their map). A call
-        whose thread has left the function is taken out of the map: its return probe did not
-        run, and no event will come (the call order writes it skipped)."""
+        """The entry halves of the calls still running, by seq, once the calls whose thread has
+        left are forgotten."""
+        self._forget_calls_left()
         running = {}
+        for ev in self.bpf[b"inflight"].values():
+            begun = self._decode(ev)
+            for returned in ("ret", "duration_ns", "span_after", "pgmap"):
+                begun.pop(returned, None)
+            running[ev.seq] = begun
+        return running
+
+    def _forget_calls_left(self):
+        """Take out of the map of calls in flight each call whose thread has left the function:
+        its return probe did not run, and no event will come (the call order writes it
+        skipped)."""
         table = self.bpf[b"inflight"]
         for key, ev in table.items():
             if threads.left(ev.tid, self.functions[ev.fn], ev.ts_ns):
@@ -286,12 +296,6 @@ class Probes:
                         del table[key]
                 except KeyError:
                     pass
-                continue
-            begun = self._decode(ev)
-            for returned in ("ret", "duration_ns", "span_after", "pgmap"):
-                begun.pop(returned, None)
-            running[ev.seq] = begun
-        return running
 
     def calls_begun(self):
         """How many calls have taken a number: every call numbered below it entered before now."""

@@ -6,7 +6,7 @@ import ctypes
 import os
 import sys
 
-from .shapes import FAILURES_ONLY
+from .shapes import FAILURES_ONLY, c_arguments
 
 MAX_RANGES = 8    # a pgmap's ranges the event carries (drivers map one to a few)
 
@@ -99,7 +99,7 @@ def _finish(shape, ret, ringbuf):
 
 def _plain_args(shape):
     """fentry's argument list: BTF's names, the types spelled to compile without headers."""
-    return ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in shape.plain_params)
+    return c_arguments(shape.plain_params)
 
 
 def _declarations(shapes):

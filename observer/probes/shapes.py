@@ -55,8 +55,12 @@ class Shape:
         return next((pos for pos, r in self.roles if r == role), None)
 
     def describe(self):
-        args = ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in self.params)
-        return f"{self.function}({args}) -> {self.returns}"
+        return f"{self.function}({c_arguments(self.params)}) -> {self.returns}"
+
+
+def c_arguments(params):
+    """A C argument list, `struct zone *zone, u64 start`, of (name, C type) pairs."""
+    return ", ".join(f"{t}{'' if t.endswith('*') else ' '}{n}" for n, t in params)
 
 
 def _return_kind(ctype):
