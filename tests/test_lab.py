@@ -298,12 +298,16 @@ def test_sigterm_to_the_runner_stops_the_guest(tmp_path):
 
 # --- the recorded trace against the captured truth --------------------------------------------
 
-def trace(results, name="trace.jsonl"):
+# the kprobe trace: what the BPF daemon's probes saw, as it recorded it
+BPF_TRACE = session.daemon_files("bpf")[1]
+
+
+def trace(results, name=BPF_TRACE):
     from observer.trace import read_trace
     return list(read_trace(os.path.join(results, name)))
 
 
-def events_in(results, scenario, step, kind="event", name="trace.jsonl"):
+def events_in(results, scenario, step, kind="event", name=BPF_TRACE):
     """The events of one step: after the capture before it, up to the capture after it."""
     with open(os.path.join(results, "steps.jsonl")) as f:
         recs = [r for r in map(json.loads, f) if r["scenario"] == scenario]
@@ -336,7 +340,7 @@ def test_trace_is_complete_ordered_and_round_trips(lab, tmp_path):
     for r in records:
         writer.write(r)
     writer.close()
-    assert copy.read_bytes() == open(os.path.join(results, "trace.jsonl"), "rb").read()
+    assert copy.read_bytes() == open(os.path.join(results, BPF_TRACE), "rb").read()
 
 
 @full_events
@@ -457,7 +461,7 @@ def test_fentry_sees_the_same_calls_as_kprobes(lab):
                  e["comm"], e.get("zone"), e.get("span_after"), e.get("pgmap"), e.get("resource"),
                  e.get("blocked_by"))
                 for e in events]
-    kprobes, fentry = calls_seen("trace.jsonl"), calls_seen("trace-kfunc.jsonl")
+    kprobes, fentry = calls_seen(BPF_TRACE), calls_seen(session.KFUNC_TRACE)
     assert len(kprobes) > 100 and fentry == kprobes
 
 
@@ -489,10 +493,10 @@ def test_results_directory_of_something_else_is_refused(tmp_path):
     assert (tmp_path / "thesis.tex").exists()
 
 
-@pytest.mark.parametrize("name", (session.TRACE, session.KFUNC_TRACE, session.PROCFS_TRACE))
+@pytest.mark.parametrize("name", (BPF_TRACE, session.KFUNC_TRACE, session.PROCFS_TRACE))
 def test_replay_of_every_trace_finds_no_critical_anomaly(lab, name):
-    """Three recorders read the views every SNAPSHOT_SECONDS through every scenario, hotplug in
-    flight or not: the model judges the settled reads and raises nothing critical, and in BPF
+    """The BPF daemon (every second) and two recorders (every SNAPSHOT_SECONDS) read the views
+    through every scenario, hotplug in flight or not: the model judges the settled reads and raises nothing critical, and in BPF
     mode the events put every block where the kernel shows it (no model_drift)."""
     results, _ = lab
     path = os.path.join(results, name)
@@ -555,7 +559,7 @@ def assert_journal_holds(path, said):
 
 # --- cross-checks of every recorded trace against independent evidence -----------------------
 
-TRACES = ("trace.jsonl", "trace-kfunc.jsonl")
+TRACES = (BPF_TRACE, session.KFUNC_TRACE)
 
 
 def step_windows(results):
@@ -767,14 +771,14 @@ def test_an_offline_refused_names_the_page_that_blocked_it(lab):
     log_name, record, _, _ = session.daemon_files("bpf")
     with open(os.path.join(results, log_name)) as f:
         assert [line for line in f if "operation_failed" in line and said in line]
-    for path in (record, session.TRACE, session.KFUNC_TRACE):
+    for path in (record, session.KFUNC_TRACE):
         found, _ = replay(os.path.join(results, path))
         assert [a for a in found if a.kind == "operation_failed" and said in a.message
                 and a.start_pfn == block * per_block], path
 
 
 def test_daemon_counted_what_the_recorder_saw(lab):
-    # the daemon's own probes against the recorder's: same calls, by function
+    # the daemon's own probes (kprobes) against the fentry recorder's: same calls, by function
     from prometheus_client.parser import text_string_to_metric_families
     results, summary = lab
     with open(os.path.join(results, summary["metrics"]["bpf"])) as f:
@@ -788,7 +792,7 @@ def test_daemon_counted_what_the_recorder_saw(lab):
         if s.name == "memhp_events_total":
             counted[s.labels["function"]] = counted.get(s.labels["function"], 0) + s.value
     seen = {}
-    for e in trace(results):
+    for e in trace(results, session.KFUNC_TRACE):
         if e["type"] == "event":
             seen[e["fn"]] = seen.get(e["fn"], 0) + 1
     assert counted == seen
@@ -973,7 +977,7 @@ def found_in(anomalies, kind, lo, hi):
 def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
     """Each fault the module made is reported with its kind and pfn range by the daemon (its
     log, which replaying what it recorded reproduces line for line) and by `record` then
-    `replay`, in every mode that can see it."""
+    `replay` (BPF mode: the fentry recorder), in every mode that can see it."""
     results, _ = faults_lab
     log_name, record, _, journal = session.daemon_files(mode)
     with open(os.path.join(results, log_name)) as f:
@@ -983,7 +987,7 @@ def test_every_fault_is_reported_where_it_happened(faults_lab, mode):
     assert [report.anomaly_headline(a) for a in live] == said
     assert not model.in_flight, model.last_unsettled   # no call ran on unseen to the end
     assert_journal_holds(os.path.join(results, journal), said)
-    recorded, _ = replay(os.path.join(results, session.TRACE if mode == "bpf" else
+    recorded, _ = replay(os.path.join(results, session.KFUNC_TRACE if mode == "bpf" else
                                       session.PROCFS_TRACE))
     for step, (kind, lo, hi, modes) in expected_faults(results).items():
         if mode in modes:

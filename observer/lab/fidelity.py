@@ -53,7 +53,7 @@ def _row(results):
         cells.append("✓" if step in done else
                      "n/a" if column == "device-private" and not private else "–")
     cells.append(", ".join(n for n in PATHLESS if n in summary["scenarios"]) or "–")
-    for trace in (session.TRACE, session.KFUNC_TRACE):
+    for trace in (session.daemon_files("bpf")[1], session.KFUNC_TRACE):
         probes = _header(os.path.join(results, trace))["probes"]
         cells.append(f"{sum(p['attached'] for p in probes.values())}/{len(probes)}")
     cells.append(_kinds(expected(summary["scenarios"])))
