@@ -15,6 +15,7 @@ from . import idle, reconcile, replay
 
 BENCHMARKS = (reconcile, replay, idle)
 PLOT = os.path.join("docs", "bench-replay-scaling.png")   # beside the report
+WITHIN = {True: "yes", False: "**no**", None: "—"}          # None: no budget, reported beside
 
 
 def main(argv=None):
@@ -55,7 +56,7 @@ def report(rows, command, plot=None):
     for r in rows:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.2f}×"
         lines.append(f"| {r['benchmark']} | {r['where']} | {r['measured']} | {r['reference']} | "
-                     f"{ratio} | {r['budget']} | {'yes' if r['within'] else '**no**'} |")
+                     f"{ratio} | {r['budget']} | {WITHIN[r['within']]} |")
     if plot:
         lines += ["", f"![replay throughput against trace length and host size]({plot})"]
     lines += ["", "## Method", ""]

@@ -210,12 +210,16 @@ class Daemon:
                                        or self.current.snapshot.resources is not None):
             log.warning("resource invariants off: %s", snap.iomem_error)
         self.first = self.first or snap
-        now, before = time.monotonic(), self.current.offline_since
-        offline = {b.index: before.get(b.index, (b.node, now)) for b in snap.blocks.blocks
-                   if b.state == "offline"}
-        self._update(snapshot=snap, block_counts=block_counts(snap.blocks),
-                     reconciled_at=time.time(), reconcile_seconds=time.monotonic() - began,
-                     offline_since=offline)
+        last = self.current.snapshot
+        if last is not None and last.blocks.blocks is snap.blocks.blocks:
+            counts, offline = self.current.block_counts, self.current.offline_since   # unchanged
+        else:
+            now, before = time.monotonic(), self.current.offline_since
+            counts = block_counts(snap.blocks)
+            offline = {b.index: before.get(b.index, (b.node, now)) for b in snap.blocks.blocks
+                       if b.state == "offline"}
+        self._update(snapshot=snap, block_counts=counts, reconciled_at=time.time(),
+                     reconcile_seconds=time.monotonic() - began, offline_since=offline)
 
     def loop(self):
         """Feed the model what the source puts out; reconcile every interval, and soon after a

@@ -72,12 +72,14 @@ def summary(snap):
             "driver_managed_ram_bytes": sum(r.size for r in driver)}
 
 
-def snapshot_record(snap, read_start_ns, read_end_ns, calls_before=None):
+def snapshot_record(snap, read_start_ns, read_end_ns, calls_before=None, block_runs=None):
     """The trace's snapshot record. calls_before: every probed call numbered below it entered
     before this read ended, and the trace holds its event (or begun/skipped record) before this
-    one; 0 when no probe runs (procfs mode); None when unknown."""
+    one; 0 when no probe runs (procfs mode); None when unknown. block_runs: block_ranges of
+    snap.blocks, when the caller has them already."""
     rec = {"type": "snapshot", "ts_ns": read_end_ns, "read_start_ns": read_start_ns,
-           "zones": zones_json(snap.zones), "memory_blocks": block_ranges(snap.blocks),
+           "zones": zones_json(snap.zones),
+           "memory_blocks": block_runs if block_runs is not None else block_ranges(snap.blocks),
            "resources": hotplug_resources(snap.resources) if snap.resources is not None else None,
            "iomem": None if snap.resources is None else
            [[r.start, r.end, r.depth, r.name] for r, _ in iomem.walk(snap.resources)],

@@ -26,11 +26,13 @@ def read_kernel_release(root="/"):
         return None
 
 
-def take(root="/"):
+def take(root="/", blocks_before=None, changed=()):
     """Read every view under root. /proc/iomem alone may be hidden (no CAP_SYS_ADMIN) without
-    stopping the rest; any other unreadable view raises ViewError."""
+    stopping the rest; any other unreadable view raises ViewError. blocks_before: the memory
+    blocks of an earlier read, of which only those in `changed` (by uevent) are read again."""
     kernel = read_kernel_release(root)
-    zones, blocks = zoneinfo.read_zoneinfo(root), memory_blocks.read_memory_blocks(root)
+    zones = zoneinfo.read_zoneinfo(root)
+    blocks = memory_blocks.read_memory_blocks(root, blocks_before, changed)
     try:
         resources, iomem_error = iomem.read_iomem(root), None
     except iomem.IomemHidden as e:

@@ -33,11 +33,16 @@ class UeventListener:
         self.sock.setblocking(False)
         # room for a storm of onlines and offlines (the kernel caps it at net.core.rmem_max)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.overflowed = False     # the kernel dropped uevents since this was last cleared
 
-    def poll(self, timeout):
+    def wait(self, timeout):
+        """Until a message may be waiting, or timeout seconds."""
+        select.select([self.sock], [], [], timeout)
+
+    def take(self):
+        """The memory-block uevents waiting now (never blocks)."""
         out = []
-        ready, _, _ = select.select([self.sock], [], [], timeout)
-        while ready:
+        while True:
             try:
                 message = self.sock.recv(65536)
             except BlockingIOError:
@@ -45,8 +50,9 @@ class UeventListener:
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
-                # the socket was full and the kernel dropped uevents: the views, read at the
-                # next reconcile, say what they would have said
+                # the socket was full and the kernel dropped uevents: whoever reads the views
+                # must read every block again
+                self.overflowed = True
                 continue
             rec = parse(message)
             if rec:
@@ -56,3 +62,25 @@ class UeventListener:
 
     def close(self):
         self.sock.close()
+
+
+class HandedUevents:
+    """Memory-block uevents handed in by the caller, for views under another root (a tree whose
+    kernel is elsewhere): what UeventListener gives, from a list."""
+
+    def __init__(self):
+        self.waiting, self.overflowed = [], False
+
+    def hand(self, action, block, ts_ns=None):
+        self.waiting.append({"type": "uevent", "action": action, "block": block, "seqnum": 0,
+                             "ts_ns": time.monotonic_ns() if ts_ns is None else ts_ns})
+
+    def wait(self, timeout):
+        time.sleep(timeout)
+
+    def take(self):
+        taken, self.waiting = self.waiting, []
+        return taken
+
+    def close(self):
+        pass

@@ -89,6 +89,8 @@ class Model:
         self.per_block = None
         self.pending = []          # (record, Snapshot) waiting for the trace to pass their read
         self.previous = None       # the content of the snapshot record before (procfs mode)
+        self.quiet = None          # the content of the last judged read, while no other record
+                                   # has come since: a read the same is judged the same
         self.judged = None         # the last judged Snapshot
         self.baseline_end = None   # ts_ns of the first snapshot: events before it are its past
         self.baseline_edges = {}   # (node, zone) -> (start, end) in the first judged snapshot
@@ -127,6 +129,8 @@ class Model:
         if self.header is None:
             raise ValueError("a record before the trace header")
         out = []
+        if kind != "snapshot":
+            self.quiet = None
         if kind != "skipped":   # every other record has a time, kept for later comparisons
             ts = rec["ts_ns"]
             if not isinstance(ts, int) or ts < 0:
@@ -187,11 +191,17 @@ class Model:
 
     def _snapshot(self, rec):
         """Read (and checked) when it comes, judged now or once the trace is past it."""
-        snap = snapshot_from_record(rec, self.header)
         start, calls = rec.get("read_start_ns", rec["ts_ns"]), rec.get("calls_before")
         if not isinstance(start, int) or not 0 <= start <= rec["ts_ns"] or \
                 not (calls is None or isinstance(calls, int) and calls >= 0):
             raise RecordError(f"read_start_ns {start!r} or calls_before {calls!r} out of place")
+        if calls is not None and not self.pending and self.quiet is not None and \
+                _content(rec) == self.quiet:
+            # nothing came since a read the same was judged: no rule can say otherwise now
+            self.previous = self.quiet
+            self.snapshots["judged"] += 1
+            return []
+        snap = snapshot_from_record(rec, self.header)
         if self.baseline_end is None:
             self.baseline_end = rec["ts_ns"]
             # every call from here on is seen: the probes were attached before this read
@@ -231,8 +241,8 @@ class Model:
         return ""
 
     def _judge(self, rec, snap):
-        content = (rec["zones"], rec["memory_blocks"], rec.get("iomem") or rec.get("resources"))
-        previous, self.previous = self.previous, content
+        content = _content(rec)
+        previous, self.previous, self.quiet = self.previous, content, None
         why = self._unsettled(snap, rec, content, previous)
         r1 = rec["ts_ns"]
         # the model's state is of this read only if no call came after it (a held snapshot)
@@ -255,6 +265,7 @@ class Model:
         if not moved:
             found += self._pagemap_rules(snap, r1) + self._drift(snap, r1)
             self._rebase(snap)
+            self.quiet = content
         else:   # the events have taken the model past this read: those rules keep their word
             found += [a for a in self.active.values() if a.kind in ("pagemap_leak", "model_drift")]
         self.judged = snap
@@ -723,6 +734,11 @@ def _gaps(ranges, lo, hi):
     if at < hi:
         out.append((at, hi))
     return out
+
+
+def _content(rec):
+    """What a snapshot record says of the kernel, to compare two reads."""
+    return rec.get("zones"), rec.get("memory_blocks"), rec.get("iomem") or rec.get("resources")
 
 
 def _walk(roots):

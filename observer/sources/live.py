@@ -4,10 +4,16 @@ BPF mode, the probes' events, as one stream of trace records in the order the mo
 The views may be read in another thread (a read can hang on sysfs); a snapshot record is put
 out only after every probed call that entered before its read ended (so the model sees what
 ran during the read before it sees the read: a call still running is put out as `begun`), or
-after WAIT_SECONDS without, marked unknown."""
+after WAIT_SECONDS without, marked unknown.
+
+A read of the views reads again only the memory blocks that uevents named since the read
+before (the uevents waiting are taken just before it begins); every block is read at the first
+read, every FULL_READ_SECONDS, after the kernel dropped uevents, and always where no uevent
+comes (a tree under another root, unless uevents are given for it)."""
 
 import os
 import queue
+import threading
 import time
 
 from .. import formats, snapshot
@@ -17,20 +23,28 @@ from ..views.cpuinfo import address_bits
 
 SECTION_SIZE_X86_64 = 1 << 27    # SECTION_SIZE_BITS on x86-64; not exported by the kernel
 WAIT_SECONDS = 5.0               # longer than the call order waits for a call's number (1 s)
+FULL_READ_SECONDS = 600.0        # every block read again this often, uevents or not
 
 
 class LiveSource:
-    def __init__(self, root="/", probes=None, status=None):
+    def __init__(self, root="/", probes=None, status=None, uevents=None):
         """probes: attached Probes (BPF mode), or None (procfs mode); status: every function's
-        ProbeStatus, for the header."""
+        ProbeStatus, for the header; uevents: where memory-block uevents come from (wait, take,
+        overflowed, close as UeventListener has them), by default the kernel's when root is /."""
         self.root = root
         self.probes = probes
         self.status = status or {}
         self.mode = "bpf" if probes else "procfs"
-        self.uevents = UeventListener() if root == "/" else None
+        self.uevents = uevents if uevents is not None else UeventListener() if root == "/" else None
         self._read = queue.SimpleQueue()   # views read, their record not yet put out
         self._waiting = None               # the one whose calls are still coming in
         self.lost = 0
+        self._lock = threading.Lock()      # the uevents below are taken by both threads
+        self._taken = []                   # uevents taken, not yet put out
+        self._changed = set()              # blocks they named since the last read of the views
+        self._blocks = None                # the memory blocks of the last read
+        self._full_read_at = None          # when every block was last read (monotonic)
+        self._runs = (None, None)          # (blocks, their ranges in a snapshot record)
 
     def header(self, first):
         """The trace header, from the first Snapshot read."""
@@ -47,12 +61,30 @@ class LiveSource:
 
     def read_views(self):
         """Read every view (in any thread) and queue its snapshot record; the Snapshot."""
-        began = time.monotonic_ns()
-        snap = snapshot.take(self.root)
+        with self._lock:
+            self._take_uevents()
+            changed, self._changed = self._changed, set()
+            overflowed = self.uevents is not None and self.uevents.overflowed
+            if overflowed:
+                self.uevents.overflowed = False
+        before, self._blocks = self._blocks, None   # a read that fails makes the next one full
+        full = self.uevents is None or before is None or overflowed or \
+            time.monotonic() - self._full_read_at >= FULL_READ_SECONDS
+        began = time.monotonic_ns()     # after the uevents taken: they came before the read
+        snap = snapshot.take(self.root, None if full else before, changed)
         ended = time.monotonic_ns()
+        if full:
+            self._full_read_at = time.monotonic()
+        self._blocks = snap.blocks
         calls = self.probes.calls_begun() if self.probes else 0
         self._read.put((snap, began, ended, calls, time.monotonic()))
         return snap
+
+    def _take_uevents(self):
+        """The uevents waiting, kept to be put out, their blocks to be read again. Lock held."""
+        taken = self.uevents.take() if self.uevents else []
+        self._taken += taken
+        self._changed.update(u["block"] for u in taken)
 
     def poll(self, timeout=0.2):
         """The records now, in order: events (and begun/skipped/lost) and uevents, each
@@ -61,13 +93,18 @@ class LiveSource:
         if self.probes:
             calls = self._probe_records(*self.probes.poll(int(timeout * 1000)))
             timeout = 0
-        if self.uevents:
-            uevents = self.uevents.poll(timeout)
-        else:
-            uevents = []
-            if timeout:
-                time.sleep(timeout)
-        return self._in_order(calls, uevents, final=False)
+        if self.uevents and timeout:
+            self.uevents.wait(timeout)
+        elif timeout:
+            time.sleep(timeout)
+        return self._in_order(calls, self._uevents(), final=False)
+
+    def _uevents(self):
+        """The uevents taken and not yet put out, now put out."""
+        with self._lock:
+            self._take_uevents()
+            taken, self._taken = self._taken, []
+        return taken
 
     def _probe_records(self, records, lost):
         if lost:
@@ -96,7 +133,9 @@ class LiveSource:
                 (i for i, r in enumerate(calls) if r.get("seq", -1) >= before), len(calls))
             out += calls[:split] + [u for u in uevents if u["ts_ns"] <= ended]
             calls, uevents = calls[split:], [u for u in uevents if u["ts_ns"] > ended]
-            out.append(formats.snapshot_record(snap, began, ended, before))
+            if self._runs[0] is not snap.blocks.blocks:   # changed since the last record
+                self._runs = (snap.blocks.blocks, formats.block_ranges(snap.blocks))
+            out.append(formats.snapshot_record(snap, began, ended, before, self._runs[1]))
             self._waiting = None
         return out + calls + uevents
 
@@ -111,8 +150,7 @@ class LiveSource:
             calls = self._probe_records(records + self.probes.drain(), lost)
         else:
             calls = []
-        uevents = self.uevents.poll(0) if self.uevents else []
-        return out + self._in_order(calls, uevents, final=True)
+        return out + self._in_order(calls, self._uevents(), final=True)
 
     def _waiting_for_calls(self):
         return self._waiting is not None or not self._read.empty()

@@ -168,17 +168,35 @@ def read_block_size(root="/"):
     return size
 
 
-def read_memory_blocks(root="/"):
-    size = read_block_size(root)
-    blocks = []
-    for i in block_indexes(root):
+def read_memory_blocks(root="/", previous=None, changed=()):
+    """Every memory block; or, given the MemoryBlocks of an earlier read and the indexes of the
+    blocks uevents named since (added, removed, onlined, offlined), those read again and the
+    others taken as they were. A block changes state or comes and goes only with a uevent; what
+    changes without one, the zones an offline block could go to, no record keeps."""
+    if previous is None:
+        size = read_block_size(root)
+        blocks = _read_blocks(root, block_indexes(root))
+        return MemoryBlocks(size, tuple(b for b in blocks.values() if b), read_auto_online(root))
+    if not changed:
+        return MemoryBlocks(previous.block_size, previous.blocks, read_auto_online(root))
+    merged = {b.index: b for b in previous.blocks}
+    merged.update(_read_blocks(root, changed))
+    return MemoryBlocks(previous.block_size, tuple(merged[i] for i in sorted(merged) if merged[i]),
+                        read_auto_online(root))
+
+
+def _read_blocks(root, indexes):
+    """index -> MemoryBlock, or None for a block hot-removed (before or while it was read)."""
+    out = {}
+    for i in indexes:
         try:
-            blocks.append(read_block(root, i))
+            out[i] = read_block(root, i)
         except ViewError:
-            # a block hot-removed while we read it is simply gone; anything else is an error
+            # a block hot-removed is simply gone; anything else is an error
             if os.path.lexists(view_path(root, f"{MEMORY}/memory{i}")):
                 raise
-    return MemoryBlocks(size, tuple(blocks), read_auto_online(root))
+            out[i] = None
+    return out
 
 
 def read_auto_online(root="/"):
