@@ -10,7 +10,6 @@ import os
 from .rotate import rotate
 
 FORMAT, VERSION = "memhp-trace", 1
-TYPES = ("header", "event", "snapshot", "anomaly", "lost", "uevent", "begun", "skipped")
 # fields every line of a type must carry
 REQUIRED = {
     "header": ("format", "version", "kernel", "page_size", "block_size", "mode", "start_time_ns"),
@@ -22,6 +21,8 @@ REQUIRED = {
     "begun": ("seq", "ts_ns", "fn", "pid", "comm", "origin"),
     "skipped": ("seq", "reason"),
 }
+
+_REQUIRED_KEYS = {kind: frozenset(keys) for kind, keys in REQUIRED.items()}   # one look per record
 
 
 class TraceError(Exception):
@@ -115,21 +116,23 @@ def read_trace_lines(path):
         f = open(path)
     except OSError as e:
         raise TraceError(path, 0, e.strerror or str(e)) from None
+    decode = json.JSONDecoder().decode
     with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = decode(line)
             except json.JSONDecodeError as e:
                 raise TraceError(path, lineno, f"not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or rec.get("type") not in TYPES:
-                raise TraceError(path, lineno, f"unknown record type {rec.get('type') if isinstance(rec, dict) else rec!r}")
-            if lineno == 1 and rec["type"] != "header":
+            kind = rec.get("type") if isinstance(rec, dict) else None
+            if not isinstance(kind, str) or kind not in _REQUIRED_KEYS:
+                raise TraceError(path, lineno, f"unknown record type {kind if isinstance(rec, dict) else rec!r}")
+            if lineno == 1 and kind != "header":
                 raise TraceError(path, lineno, "the first line must be the header")
-            if rec["type"] == "header" and (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
+            if kind == "header" and (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
                 raise TraceError(path, lineno, f"not a {FORMAT} v{VERSION} trace")
-            missing = [k for k in REQUIRED[rec["type"]] if k not in rec]
-            if missing:
-                raise TraceError(path, lineno, f"{rec['type']} without {', '.join(missing)}")
+            if not _REQUIRED_KEYS[kind] <= rec.keys():
+                missing = [k for k in REQUIRED[kind] if k not in rec]
+                raise TraceError(path, lineno, f"{kind} without {', '.join(missing)}")
             yield lineno, rec

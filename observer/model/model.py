@@ -291,8 +291,8 @@ class Model:
         the physical ranges some resource claims. zoneinfo hides the Device zone's start (it
         has no present page), so pagemaps mapped before the trace are known only as claimed."""
         per_block, page = self.per_block, snap.page_size
-        present = RangeSet((b.index * per_block, (b.index + 1) * per_block)
-                           for b in snap.blocks.blocks)
+        present = RangeSet.of_sorted((b.index * per_block, (b.index + 1) * per_block)
+                                     for b in snap.blocks.blocks)
         for pgmap in self.pagemaps.values():
             for lo, hi in pgmap["ranges"]:
                 present.add(lo, hi)
@@ -317,9 +317,10 @@ class Model:
                 if b.index not in now:
                     self.removed.add(b.index * per_block, (b.index + 1) * per_block)
                     self.blocks_at_start.discard(b.index)
-        for i in now:
-            if self.removed.overlap(i * per_block, (i + 1) * per_block):
-                self.removed.remove(i * per_block, (i + 1) * per_block)
+        if len(self.removed):   # memory back where it had been removed
+            for i in now:
+                if self.removed.overlap(i * per_block, (i + 1) * per_block):
+                    self.removed.remove(i * per_block, (i + 1) * per_block)
 
     def _removal_evidence(self, lo, hi):
         out = [_say(e) for start, e in self.removals.items() if lo <= start < hi]

@@ -16,6 +16,21 @@ class RangeSet:
         for lo, hi in ranges:
             self.add(lo, hi)
 
+    @classmethod
+    def of_sorted(cls, ranges):
+        """The set of ranges given in ascending order of lo: built in one pass."""
+        out = cls()
+        los, his = out.los, out.his
+        for lo, hi in ranges:
+            if lo >= hi:
+                continue
+            if his and lo <= his[-1]:
+                his[-1] = max(his[-1], hi)
+            else:
+                los.append(lo)
+                his.append(hi)
+        return out
+
     def add(self, lo, hi):
         if lo >= hi:
             return

@@ -8,7 +8,7 @@ link (also under /sys/devices/system/node/nodeX/memoryN)."""
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
@@ -36,13 +36,13 @@ class MemoryBlock:
     valid_zones: Tuple[str, ...]
     node: Optional[int]
     removable: Optional[bool]
+    # the zone an online block is in; None when offline or when it spans several zones (kept,
+    # not computed at each look: the model looks at every block of every read)
+    zone: Optional[str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def zone(self):
-        """The zone an online block is in; None when offline or when it spans several zones."""
-        if self.state == "online" and self.valid_zones and self.valid_zones[0] != "none":
-            return self.valid_zones[0]
-        return None
+    def __post_init__(self):
+        online = self.state == "online" and self.valid_zones and self.valid_zones[0] != "none"
+        object.__setattr__(self, "zone", self.valid_zones[0] if online else None)
 
 
 @dataclass(frozen=True)
