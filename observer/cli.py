@@ -57,7 +57,7 @@ def cmd_check(args):
     else:
         for a in anomalies:
             print(report.anomaly_line(a))
-        n = len(snap.blocks.blocks)
+        n = snap.blocks.count()
         print(f"{'clean' if not anomalies else f'{len(anomalies)} anomalies'}: "
               f"{len(snap.zones)} zones, {n} memory blocks and /proc/iomem checked")
     return 1 if critical else 0
@@ -283,7 +283,7 @@ def cmd_map(args):
         print(f"memhp-observer map: {args.output}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"drew {len(anomalies)} anomalies over {len(snap.zones)} zones and "
-          f"{len(snap.blocks.blocks)} memory blocks into {args.output}")
+          f"{snap.blocks.count()} memory blocks into {args.output}")
     return 0
 
 

@@ -24,6 +24,7 @@ from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
 from .metrics import DURATION_BUCKETS, StateCollector, block_counts
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
+from .model.ranges import RangeMap
 from .report import anomaly_headline
 from .snapshot import Snapshot
 from .sources.live import LiveSource
@@ -50,8 +51,8 @@ class State:
     reconciled_at: float = 0.0
     reconcile_seconds: float = 0.0
     reconcile_errors: int = 0
-    offline_since: dict = field(default_factory=dict)   # block index -> (node, monotonic time
-                                                        # it was first read offline)
+    offline_since: RangeMap = field(default_factory=RangeMap)   # block index -> (node,
+                                                        # monotonic time first read offline)
     block_counts: dict = field(default_factory=dict)    # metrics.block_counts of the snapshot
     pagemap_bytes: dict = field(default_factory=dict)   # pagemap type -> bytes mapped (BPF mode)
 
@@ -211,13 +212,15 @@ class Daemon:
             log.warning("resource invariants off: %s", snap.iomem_error)
         self.first = self.first or snap
         last = self.current.snapshot
-        if last is not None and last.blocks.blocks is snap.blocks.blocks:
+        if last is not None and last.blocks is snap.blocks:
             counts, offline = self.current.block_counts, self.current.offline_since   # unchanged
         else:
-            now, before = time.monotonic(), self.current.offline_since
-            counts = block_counts(snap.blocks)
-            offline = {b.index: before.get(b.index, (b.node, now)) for b in snap.blocks.blocks
-                       if b.state == "offline"}
+            counts, offline = block_counts(snap.blocks), RangeMap()
+            for r in snap.blocks.runs:
+                if r.state == "offline":   # since it was first read offline, or now
+                    offline.assign(r.first, r.last + 1, (r.node, time.monotonic()))
+                    for lo, hi, since in self.current.offline_since.items(r.first, r.last + 1):
+                        offline.assign(lo, hi, since)
         self._update(snapshot=snap, block_counts=counts, reconciled_at=time.time(),
                      reconcile_seconds=time.monotonic() - began, offline_since=offline)
 

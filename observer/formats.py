@@ -20,18 +20,10 @@ class RecordError(ValueError):
 
 def block_ranges(blocks):
     """Runs of consecutive blocks with the same state, zone and node, as lsmem prints them."""
-    runs = []
-    for b in blocks.blocks:
-        key = (b.state, b.valid_zones[0] if b.state == "online" and b.valid_zones else None, b.node)
-        if runs and runs[-1]["key"] == key and runs[-1]["last"] == b.index - 1:
-            runs[-1]["last"] = b.index
-        else:
-            runs.append({"key": key, "first": b.index, "last": b.index})
     size = blocks.block_size
-    return [{"start": r["first"] * size, "end": (r["last"] + 1) * size - 1,
-             "size": (r["last"] - r["first"] + 1) * size, "state": r["key"][0],
-             "zone": r["key"][1], "node": r["key"][2], "first_block": r["first"],
-             "last_block": r["last"]} for r in runs]
+    return [{"start": r.first * size, "end": (r.last + 1) * size - 1,
+             "size": (r.last - r.first + 1) * size, "state": r.state, "zone": r.zone_word,
+             "node": r.node, "first_block": r.first, "last_block": r.last} for r in blocks.runs]
 
 
 def hotplug_resources(roots):
@@ -62,24 +54,22 @@ def snapshot_json(snap):
 
 def summary(snap):
     states = {}
-    for b in snap.blocks.blocks:
-        states[b.state] = states.get(b.state, 0) + 1
+    for r in snap.blocks.runs:
+        states[r.state] = states.get(r.state, 0) + r.last - r.first + 1
     driver = [r for r, _ in iomem.walk(snap.resources or []) if r.is_driver_managed]
     return {"nodes": len({z.node for z in snap.zones}),
             "zones_populated": sum(1 for z in snap.zones if z.present),
-            "blocks": len(snap.blocks.blocks), "blocks_by_state": states,
+            "blocks": snap.blocks.count(), "blocks_by_state": states,
             "online_bytes": states.get("online", 0) * snap.blocks.block_size,
             "driver_managed_ram_bytes": sum(r.size for r in driver)}
 
 
-def snapshot_record(snap, read_start_ns, read_end_ns, calls_before=None, block_runs=None):
+def snapshot_record(snap, read_start_ns, read_end_ns, calls_before=None):
     """The trace's snapshot record. calls_before: every probed call numbered below it entered
     before this read ended, and the trace holds its event (or begun/skipped record) before this
-    one; 0 when no probe runs (procfs mode); None when unknown. block_runs: block_ranges of
-    snap.blocks, when the caller has them already."""
+    one; 0 when no probe runs (procfs mode); None when unknown."""
     rec = {"type": "snapshot", "ts_ns": read_end_ns, "read_start_ns": read_start_ns,
-           "zones": zones_json(snap.zones),
-           "memory_blocks": block_runs if block_runs is not None else block_ranges(snap.blocks),
+           "zones": zones_json(snap.zones), "memory_blocks": block_ranges(snap.blocks),
            "resources": hotplug_resources(snap.resources) if snap.resources is not None else None,
            "iomem": None if snap.resources is None else
            [[r.start, r.end, r.depth, r.name] for r, _ in iomem.walk(snap.resources)],
@@ -113,19 +103,22 @@ def snapshot_from_record(rec, header) -> Snapshot:
                               start_pfn=_int(z, "start_pfn", optional=True),
                               spanned=_int(z, "spanned_pages"), present=_int(z, "present_pages"),
                               managed=_int(z, "managed_pages"), line=0))
-        blocks = []
+        runs, count = [], 0
         for r in rec["memory_blocks"]:
             state, zone = r["state"], r.get("zone")
             if state not in memory_blocks.STATES:
                 raise RecordError(f"memory block state {state!r}")
+            if zone is not None and not isinstance(zone, str):
+                raise RecordError(f"memory block zone {zone!r}")
             node = _int(r, "node", optional=True)
             first, last = _int(r, "first_block"), _int(r, "last_block")
-            if blocks and first <= blocks[-1].index or last < first \
-                    or len(blocks) + last - first >= MAX_BLOCKS:
+            count += last - first + 1
+            if runs and first <= runs[-1].last or last < first or count > MAX_BLOCKS:
                 raise RecordError(f"memory blocks {first}-{last} out of order or too many")
-            for index in range(first, last + 1):
-                blocks.append(memory_blocks.MemoryBlock(index, state, (zone,) if zone else (),
-                                                        node, None))
+            online = state == "online" and zone
+            runs.append(memory_blocks.BlockRun(first, last, state,
+                                               zone if online and zone != "none" else None, node,
+                                               online and zone == "none"))
         resources = _resources(rec)
         policy = rec.get("auto_online_blocks")
         if policy is not None and not isinstance(policy, str):
@@ -133,7 +126,7 @@ def snapshot_from_record(rec, header) -> Snapshot:
     except (KeyError, TypeError, AttributeError) as e:
         raise RecordError(f"snapshot record without a well-formed {e}") from None
     return Snapshot(root="trace", kernel=header.get("kernel"), page_size=page_size, zones=zones,
-                    blocks=memory_blocks.MemoryBlocks(block_size, tuple(blocks), policy),
+                    blocks=memory_blocks.MemoryBlocks(block_size, auto_online=policy, runs=runs),
                     resources=resources,
                     iomem_error=None if resources is not None else "not in the trace")
 

@@ -19,11 +19,11 @@ def block_counts(blocks):
     """(node, zone, state) -> memory blocks: counted once per reconcile, not at every scrape
     (a scrape costs the same on any number of blocks)."""
     counts = {}
-    for b in blocks.blocks:
+    for r in blocks.runs:
         # offline blocks, and online blocks spanning several zones, are in no single zone:
         # "none", the kernel's own word in valid_zones
-        key = ("" if b.node is None else str(b.node), b.zone or "none", b.state)
-        counts[key] = counts.get(key, 0) + 1
+        key = ("" if r.node is None else str(r.node), r.zone or "none", r.state)
+        counts[key] = counts.get(key, 0) + r.last - r.first + 1
     return counts
 
 
@@ -123,7 +123,7 @@ class StateCollector:
                                     "memory nobody onlined), counted from this daemon's start "
                                     "at most", labels=["node"])
         now, longest = time.monotonic(), {}
-        for node, since in s.offline_since.values():
+        for _, _, (node, since) in s.offline_since.items():
             key = "" if node is None else str(node)
             longest[key] = max(longest.get(key, 0.0), now - since)
         for node, seconds in sorted(longest.items()):

@@ -49,7 +49,8 @@ def page_size_of(root, zones, blocks):
     to exceed 29% of them to round it to the next power of two."""
     if root == "/":
         return os.sysconf("SC_PAGE_SIZE")
-    online = sum(b.state != "offline" for b in blocks.blocks) * blocks.block_size
+    online = sum(r.last - r.first + 1 for r in blocks.runs if r.state != "offline") * \
+        blocks.block_size
     present = sum(z.present for z in zones)
     if not online or not present:
         raise ViewError(view_path(root, zoneinfo.ZONEINFO), "no online memory and no present "

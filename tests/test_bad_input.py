@@ -346,8 +346,8 @@ def test_record_never_writes_over_a_file_and_says_why_it_cannot_write(tmp_path):
 # that does not answer: a hung filesystem, which no captured tree can reproduce)
 HUNG = ("import os, sys, threading, observer.daemon as d, observer.snapshot as s; "
         "d.STUCK_SECONDS = 1; take = s.take; "
-        "s.take = lambda root: threading.Event().wait() if os.path.exists(os.environ['HANG']) "
-        "else take(root); "
+        "s.take = lambda *a: threading.Event().wait() if os.path.exists(os.environ['HANG']) "
+        "else take(*a); "
         "from observer.cli import main; sys.exit(main(sys.argv[1:]))")
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import HOST
 from observer import snapshot
 from observer.model.invariants import span_leaks
+from observer.views.memory_blocks import MemoryBlocks
 
 SNAP = snapshot.take(HOST)
 PAGE = SNAP.page_size
@@ -19,7 +20,7 @@ NORMAL = [b.index for b in SNAP.blocks.blocks if b.zone == "Normal"]
 def offlined(indexes):
     blocks = tuple(replace(b, state="offline", valid_zones=("Normal", "Movable"))
                    if b.index in indexes else b for b in SNAP.blocks.blocks)
-    return replace(SNAP.blocks, blocks=blocks)
+    return MemoryBlocks(SNAP.blocks.block_size, blocks, SNAP.blocks.auto_online)
 
 
 @settings(max_examples=60, deadline=None)

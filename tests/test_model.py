@@ -307,7 +307,7 @@ def test_replay_exit_status_says_clean_critical_or_unreadable(tmp_path):
 
 from hypothesis import given, strategies as st   # noqa: E402
 
-from observer.model.ranges import RangeSet   # noqa: E402
+from observer.model.ranges import RangeMap, RangeSet   # noqa: E402
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(0, 60), st.integers(0, 12)), max_size=40)
 
@@ -325,6 +325,39 @@ def test_range_set_holds_what_a_set_of_pfns_holds(steps, lo, n):
     assert ranges.covers(lo, lo + n) == (len(inside) == n)
     held = ranges.range_at(lo)
     assert (held is not None) == (lo in pfns) and (held is None or held[0] <= lo < held[1])
+    assert {p for a, b in ranges.gaps(lo, lo + n) for p in range(a, b)} == \
+        set(range(lo, lo + n)) - pfns
+
+
+map_ops = st.lists(st.tuples(st.sampled_from("acf"), st.integers(0, 60), st.integers(0, 12),
+                             st.sampled_from("xyz")), max_size=40)
+
+
+@given(map_ops, map_ops)
+def test_range_map_holds_what_a_dict_of_blocks_holds(steps, others):
+    """assign, clear and fill (what events do to the blocks the model expects), and diff
+    against another map, as a dict of block index -> value does them."""
+    maps = []
+    for ops in (steps, others):
+        ranges, blocks = RangeMap(), {}
+        for op, a, k, value in ops:
+            {"a": lambda: ranges.assign(a, a + k, value), "c": lambda: ranges.clear(a, a + k),
+             "f": lambda: ranges.fill(a, a + k, value)}[op]()
+            for i in range(a, a + k):
+                if op == "a":
+                    blocks[i] = value
+                elif op == "c":
+                    blocks.pop(i, None)
+                else:
+                    blocks.setdefault(i, value)
+        items = ranges.items()
+        assert {i: v for a, b, v in items for i in range(a, b)} == blocks
+        # sorted, and merged where they touch with one value
+        assert all(b < c or (b == c and v != w) for (_, b, v), (c, _, w) in zip(items, items[1:]))
+        maps.append((ranges, blocks))
+    (mine, a), (theirs, b) = maps
+    assert {i: (x, y) for lo, hi, x, y in mine.diff(theirs) for i in range(lo, hi)} == \
+        {i: (a.get(i), b.get(i)) for i in set(a) | set(b) if a.get(i) != b.get(i)}
 
 
 # --- bad traces: every field of real records made wrong ------------------------------------------

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from hypothesis import given, strategies as st
 
 from conftest import HOST, edit
 from observer.views import iomem, memory_blocks, zoneinfo
@@ -131,3 +132,30 @@ def test_a_block_removed_while_it_is_read_is_skipped(host_copy, monkeypatch):
     monkeypatch.setattr(memory_blocks, "read_block", vanishing)
     blocks = memory_blocks.read_memory_blocks(str(host_copy))
     assert len(blocks.blocks) == 191 and 5 not in {b.index for b in blocks.blocks}
+
+
+blocks_drawn = st.dictionaries(st.integers(0, 60), st.tuples(
+    st.sampled_from(["online", "offline"]), st.sampled_from(["Normal", "Movable", "none"]),
+    st.integers(0, 1)), max_size=40)
+
+
+@given(blocks_drawn, st.dictionaries(st.integers(0, 70), st.none() | st.tuples(
+    st.sampled_from(["online", "offline"]), st.sampled_from(["Normal", "Movable", "none"]),
+    st.integers(0, 1)), max_size=12))
+def test_blocks_read_again_are_spliced_into_the_runs(before, changed):
+    """A read that rereads some blocks (what uevents named) gives the blocks and runs that
+    the whole read of the same blocks gives."""
+    def block(i, drawn):
+        state, zone, node = drawn
+        return memory_blocks.MemoryBlock(i, state, (zone,) if state == "online" else
+                                         ("Normal", "Movable"), node, None)
+    now = dict(before)
+    for i, drawn in changed.items():
+        if drawn is None:
+            now.pop(i, None)
+        else:
+            now[i] = drawn
+    spliced = memory_blocks.MemoryBlocks(1 << 27, [block(i, before[i]) for i in sorted(before)]) \
+        .with_blocks({i: d and block(i, d) for i, d in changed.items()}, None)
+    whole = memory_blocks.MemoryBlocks(1 << 27, [block(i, now[i]) for i in sorted(now)])
+    assert (spliced.blocks, spliced.runs) == (whole.blocks, whole.runs)

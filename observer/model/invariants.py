@@ -14,13 +14,11 @@ The kernel's rules these encode (kernel-reference.md §4, §5):
   memory (resource_leak) and an online block under no System RAM lost its resource.
 - Driver-managed System RAM (kmem, virtio-mem) is added in whole memory blocks."""
 
-from bisect import bisect_left, bisect_right
-
 from ..views.iomem import IOMEM, walk
 from ..views.memory_blocks import MEMORY
 from ..views.zoneinfo import ZONEINFO
 from .anomaly import Anomaly
-from .ranges import pfns_of
+from .ranges import RangeSet, pfns_of
 
 DEVICE_ZONE = "Device"  # ZONE_DEVICE spans never shrink since 5.5: not a leak (device_span_stale)
 
@@ -28,9 +26,10 @@ DEVICE_ZONE = "Device"  # ZONE_DEVICE spans never shrink since 5.5: not a leak (
 def judge_views(snap, ts_ns, was_online=None):
     """Every view invariant of one snapshot, in the page size of the kernel it was read from.
     Without /proc/iomem (read without CAP_SYS_ADMIN) only the zone rules can be judged.
-    was_online(block, zone): whether the block was ever seen online in the zone, where there is
+    was_online(index, zone): whether the block was ever seen online in the zone, where there is
     a history (the model's); a zone edge on a block never online in it is then a hole of the
-    boot span that hot-added memory fills, not a span that failed to shrink."""
+    boot span that hot-added memory fills, not a span that failed to shrink. The blocks are
+    judged run by run (runs of blocks alike), so a judgement costs what the runs are."""
     out = span_leaks(snap.zones, snap.blocks, snap.page_size, ts_ns, was_online)
     if snap.resources is not None:
         out += resource_anomalies(snap.resources, snap.blocks, snap.page_size, ts_ns)
@@ -49,26 +48,17 @@ def _block_evidence(b):
     return f"{MEMORY}/memory{b.index}: state {b.state}, valid_zones {' '.join(b.valid_zones)}"
 
 
-def _online_in(block, zone, per_block):
-    """Online in this zone; or online across several zones ("none") and inside this zone's span,
-    so that it may hold some of its pages (block 0 holds DMA and DMA32)."""
-    if block.state != "online" or (block.node is not None and block.node != zone.node):
+def _online_in(run, zone):
+    """A run of blocks inside this zone's span that is online in it; or online across several
+    zones ("none"), so that its blocks may hold some of the zone's pages (block 0 holds DMA and
+    DMA32)."""
+    if run.state != "online" or (run.node is not None and run.node != zone.node):
         return False
-    if block.valid_zones[:1] == ("none",):
-        return block.index * per_block < zone.end_pfn and (block.index + 1) * per_block > zone.start_pfn
-    return block.zone == zone.name
-
-
-def _blocks_between(blocks, indexes, first, last):
-    """The blocks with first <= index <= last, in order; costs what is there, not last - first
-    (a zone may span a hole of many blocks' worth of pfns, or claim to)."""
-    return blocks[bisect_left(indexes, first):bisect_right(indexes, last)]
+    return run.spans_zones or run.zone == zone.name
 
 
 def span_leaks(zones, blocks, page_size, ts_ns, was_online=None):
     per_block = blocks.block_size // page_size
-    ordered = blocks.blocks                     # sorted by index
-    indexes = [b.index for b in ordered]
     out = []
     for z in zones:
         if z.name == DEVICE_ZONE or z.spanned == 0:
@@ -80,34 +70,40 @@ def span_leaks(zones, blocks, page_size, ts_ns, was_online=None):
                                        f"with no page present in it",
                                evidence=[_zone_evidence(z)]))
             continue
+        # the runs of blocks of this zone's node inside its span (a zone may span a hole of
+        # many blocks' worth of pfns, or claim to: this costs what is there)
         first, last = z.start_pfn // per_block, (z.end_pfn - 1) // per_block
-        mine = [b for b in _blocks_between(ordered, indexes, first, last) if b.node in (None, z.node)]
-        inside = [b.index for b in mine if _online_in(b, z, per_block)]
+        mine = [r for r in blocks.runs_between(first, last) if r.node in (None, z.node)]
+        inside = [r for r in mine if _online_in(r, z)]
 
-        at_start = mine[0] if mine and mine[0].index == first else None
-        at_end = mine[-1] if mine and mine[-1].index == last else None
-
-        def stray(b):
-            return b is not None and not _online_in(b, z, per_block) and \
-                (was_online is None or was_online(b, z))
+        def stray(index):
+            """The block at this index exists, is not online in the zone, and was (or there is
+            no history to tell)."""
+            run = next((r for r in (mine[0], mine[-1]) if r.first <= index <= r.last),
+                       None) if mine else None
+            return run is not None and not _online_in(run, z) and \
+                (was_online is None or was_online(index, z))
 
         # Since 5.5 offlining at an edge moves the edge to the zone's next online pfn
         # (shrink_zone_span, kernel-reference.md §5.1): an edge may lie in a hole (a boot span),
         # never on memory that exists but is not online in the zone.
-        runs = []
-        if stray(at_start):
-            runs.append((z.start_pfn, inside[0] * per_block if inside else z.end_pfn))
-        if stray(at_end) and not (runs and runs[0][1] == z.end_pfn):
-            runs.append(((inside[-1] + 1) * per_block if inside else z.start_pfn, z.end_pfn))
-        for lo, hi in runs:
-            strays = [b for b in mine if lo // per_block <= b.index <= (hi - 1) // per_block
-                      and not _online_in(b, z, per_block)]
+        leaks = []
+        if stray(first):
+            leaks.append((z.start_pfn, inside[0].first * per_block if inside else z.end_pfn))
+        if stray(last) and not (leaks and leaks[0][1] == z.end_pfn):
+            leaks.append(((inside[-1].last + 1) * per_block if inside else z.start_pfn, z.end_pfn))
+        for lo, hi in leaks:
+            strays = [r for r in blocks.runs_between(lo // per_block, (hi - 1) // per_block)
+                      if r.node in (None, z.node) and not _online_in(r, z)]
+            count = sum(r.last - r.first + 1 for r in strays)
+            shown = [blocks.block(i) for r in strays for i in range(r.first, min(r.last + 1,
+                                                                                 r.first + 4))][:4]
             out.append(Anomaly(
                 "zone_span_leak", ts_ns=ts_ns, node=z.node, zone=z.name, start_pfn=lo, end_pfn=hi,
                 message=f"zone {z.name} of node {z.node} spans pfn {lo:#x}-{hi:#x} at its "
-                        f"{'start' if lo == z.start_pfn else 'end'}, over {len(strays)} memory "
+                        f"{'start' if lo == z.start_pfn else 'end'}, over {count} memory "
                         f"block(s) not online in it: the span did not shrink",
-                evidence=[_zone_evidence(z)] + [_block_evidence(b) for b in strays[:4]]))
+                evidence=[_zone_evidence(z)] + [_block_evidence(b) for b in shown]))
     return out
 
 
@@ -120,12 +116,11 @@ def _resource_anomaly(kind, r, page_size, ts_ns, message, evidence):
 
 def resource_anomalies(roots, blocks, page_size, ts_ns):
     size = blocks.block_size
-    indexes = [b.index for b in blocks.blocks]
     ram = [r for r, _ in walk(roots) if r.is_system_ram]
     out = []
     for r in ram:
         first, last = r.start // size, r.end // size
-        if not _blocks_between(blocks.blocks, indexes, first, last):
+        if not blocks.runs_between(first, last):
             out.append(_resource_anomaly(
                 "resource_leak", r, page_size, ts_ns,
                 f"{r.name!r} {r.start:#x}-{r.end:#x} has no memory block under it: "
@@ -137,21 +132,22 @@ def resource_anomalies(roots, blocks, page_size, ts_ns):
                 f"driver-managed {r.name!r} {r.start:#x}-{r.end:#x} is not aligned to "
                 f"the {size >> 20} MiB memory block size",
                 f"{MEMORY}/block_size_bytes: {size:x}"))
-    # online blocks with no System RAM over any part of them: one sweep over both sorted lists
-    # (System RAM resources never overlap each other)
-    ram.sort(key=lambda r: r.start)
-    j = 0
-    for b in blocks.blocks:
-        lo, hi = b.index * size, (b.index + 1) * size - 1
-        while j < len(ram) and ram[j].end < lo:
-            j += 1
-        covered = j < len(ram) and ram[j].start <= hi
-        if b.state == "online" and not covered:
-            first, end = pfns_of(lo, hi, page_size)
-            out.append(Anomaly(
-                "resource_missing", ts_ns=ts_ns, node=b.node, zone=b.zone,
-                start_pfn=first, end_pfn=end,
-                message=f"memory block {b.index} ({lo:#x}-{hi:#x}) is online but no System RAM "
-                        f"resource covers it",
-                evidence=[_block_evidence(b), f"{IOMEM}: no System RAM over {lo:x}-{hi:x}"]))
+    # online blocks with no System RAM over any part of them (System RAM resources never
+    # overlap each other): the blocks some System RAM touches, against the online runs
+    covered = RangeSet(((r.start // size, r.end // size + 1) for r in ram))
+    for run in blocks.runs:
+        if run.state != "online":
+            continue
+        for a, b in covered.gaps(run.first, run.last + 1):
+            for index in range(a, b):
+                lo, hi = index * size, (index + 1) * size - 1
+                first, end = pfns_of(lo, hi, page_size)
+                out.append(Anomaly(
+                    "resource_missing", ts_ns=ts_ns, node=run.node, zone=run.zone,
+                    start_pfn=first, end_pfn=end,
+                    message=f"memory block {index} ({lo:#x}-{hi:#x}) is online but no System RAM "
+                            f"resource covers it",
+                    evidence=[_block_evidence(blocks.block(index)),
+                              f"{IOMEM}: no System RAM over {lo:x}-{hi:x}"]))
     return out
+

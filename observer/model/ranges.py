@@ -61,6 +61,17 @@ class RangeSet:
         i, j = self._overlapping(lo, hi)
         return [(max(self.los[k], lo), min(self.his[k], hi)) for k in range(i, j)]
 
+    def gaps(self, lo, hi):
+        """The parts of [lo, hi) not in the set, in order."""
+        out, at = [], lo
+        for a, b in self.overlap(lo, hi):
+            if a > at:
+                out.append((at, a))
+            at = b
+        if at < hi:
+            out.append((at, hi))
+        return out
+
     def range_at(self, pfn):
         """The range holding pfn, or None."""
         i = bisect_right(self.his, pfn)
@@ -77,3 +88,95 @@ class RangeSet:
 
     def __len__(self):
         return len(self.los)
+
+
+class RangeMap:
+    """Disjoint integer ranges [lo, hi), each with a value (never None), kept sorted; touching
+    ranges of equal value merged: what a run of memory blocks is, by block index."""
+
+    def __init__(self):
+        self.los, self.his, self.vals = [], [], []
+
+    @classmethod
+    def of_sorted(cls, items):
+        """The map of (lo, hi, value) given in ascending order of lo, not overlapping."""
+        out = cls()
+        for lo, hi, value in items:
+            if out.los and out.his[-1] == lo and out.vals[-1] == value:
+                out.his[-1] = hi
+            elif lo < hi:
+                out.los.append(lo)
+                out.his.append(hi)
+                out.vals.append(value)
+        return out
+
+    def assign(self, lo, hi, value):
+        self._put(lo, hi, value)
+
+    def clear(self, lo, hi):
+        self._put(lo, hi, None)
+
+    def fill(self, lo, hi, value):
+        """The value over the parts of [lo, hi) that have none."""
+        at = lo
+        for a, b, _ in self.items(lo, hi):
+            if a > at:
+                self._put(at, a, value)
+            at = b
+        if at < hi:
+            self._put(at, hi, value)
+
+    def items(self, lo=None, hi=None):
+        """(lo, hi, value) of the ranges overlapping [lo, hi) (all without bounds), cut to it."""
+        if lo is None:
+            return list(zip(self.los, self.his, self.vals))
+        i, j = bisect_right(self.his, lo), bisect_left(self.los, hi)
+        return [(max(self.los[k], lo), min(self.his[k], hi), self.vals[k]) for k in range(i, j)]
+
+    def diff(self, other):
+        """(lo, hi, this value, the other's value) where the two maps differ, in order; None
+        where one has no value."""
+        points = sorted(set(self.los + self.his + other.los + other.his))
+        out = []
+        for lo, hi in zip(points, points[1:]):
+            mine, theirs = self._at(lo), other._at(lo)
+            if mine != theirs:
+                if out and out[-1][1] == lo and out[-1][2:] == (mine, theirs):
+                    out[-1] = (out[-1][0], hi, mine, theirs)
+                else:
+                    out.append((lo, hi, mine, theirs))
+        return out
+
+    def _at(self, point):
+        i = bisect_right(self.los, point) - 1
+        return self.vals[i] if i >= 0 and point < self.his[i] else None
+
+    def _put(self, lo, hi, value):
+        if lo >= hi:
+            return
+        i, j = bisect_right(self.his, lo), bisect_left(self.los, hi)   # ranges i..j-1 overlap
+        new = []
+        if i < j and self.los[i] < lo:
+            new.append((self.los[i], lo, self.vals[i]))
+        if value is not None:
+            new.append((lo, hi, value))
+        if i < j and self.his[j - 1] > hi:
+            new.append((hi, self.his[j - 1], self.vals[j - 1]))
+        if i > 0:        # the neighbours, for merging
+            i -= 1
+            new.insert(0, (self.los[i], self.his[i], self.vals[i]))
+        if j < len(self.los):
+            new.append((self.los[j], self.his[j], self.vals[j]))
+            j += 1
+        merged = []
+        for a, b, v in new:
+            if merged and merged[-1][1] == a and merged[-1][2] == v:
+                merged[-1] = (merged[-1][0], b, v)
+            else:
+                merged.append((a, b, v))
+        self.los[i:j] = [a for a, _, _ in merged]
+        self.his[i:j] = [b for _, b, _ in merged]
+        self.vals[i:j] = [v for _, _, v in merged]
+
+    def __eq__(self, other):
+        return (self.los, self.his, self.vals) == (other.los, other.his, other.vals)

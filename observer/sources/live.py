@@ -44,7 +44,6 @@ class LiveSource:
         self._changed = set()              # blocks they named since the last read of the views
         self._blocks = None                # the memory blocks of the last read
         self._full_read_at = None          # when every block was last read (monotonic)
-        self._runs = (None, None)          # (blocks, their ranges in a snapshot record)
 
     def header(self, first):
         """The trace header, from the first Snapshot read."""
@@ -133,9 +132,7 @@ class LiveSource:
                 (i for i, r in enumerate(calls) if r.get("seq", -1) >= before), len(calls))
             out += calls[:split] + [u for u in uevents if u["ts_ns"] <= ended]
             calls, uevents = calls[split:], [u for u in uevents if u["ts_ns"] > ended]
-            if self._runs[0] is not snap.blocks.blocks:   # changed since the last record
-                self._runs = (snap.blocks.blocks, formats.block_ranges(snap.blocks))
-            out.append(formats.snapshot_record(snap, began, ended, before, self._runs[1]))
+            out.append(formats.snapshot_record(snap, began, ended, before))
             self._waiting = None
         return out + calls + uevents
 

@@ -8,7 +8,8 @@ link (also under /sys/devices/system/node/nodeX/memoryN)."""
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
@@ -45,13 +46,129 @@ class MemoryBlock:
         object.__setattr__(self, "zone", self.valid_zones[0] if online else None)
 
 
+def _run_of(block):
+    word = block.valid_zones[0] if block.state == "online" and block.valid_zones else None
+    return BlockRun(block.index, block.index, block.state, None if word == "none" else word,
+                    block.node, word == "none")
+
+
+def _merged(runs):
+    """Runs in order, those that touch and are alike made one."""
+    out = []
+    for r in runs:
+        if out and out[-1].last == r.first - 1 and \
+                (out[-1].state, out[-1].zone, out[-1].node, out[-1].spans_zones) == \
+                (r.state, r.zone, r.node, r.spans_zones):
+            out[-1] = replace(out[-1], last=r.last)
+        else:
+            out.append(r)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
+class BlockRun:
+    """Consecutive memory blocks alike: state, node and, online, the zone (as lsmem groups them)."""
+    first: int
+    last: int
+    state: str
+    zone: Optional[str]        # an online run's zone; None offline or where it spans several
+    node: Optional[int]
+    spans_zones: bool = False  # online across several zones: valid_zones says "none"
+
+    @property
+    def zone_word(self):
+        """The zone as valid_zones begins for an online block, as a snapshot record keeps it."""
+        return "none" if self.spans_zones else self.zone
+
+
 class MemoryBlocks:
-    block_size: int            # bytes
-    blocks: Tuple[MemoryBlock, ...]  # sorted by index
-    # what the kernel does with a block it hot-adds (offline, online, online_kernel,
-    # online_movable); None where the tree has no auto_online_blocks
-    auto_online: Optional[str] = None
+    """The memory blocks of one read, sorted by index: read block by block (`blocks`), or as
+    runs of blocks alike (`runs`, what a snapshot record keeps); each is made from the other
+    when first asked for, so that a read kept as runs is judged run by run."""
+
+    def __init__(self, block_size, blocks=None, auto_online=None, runs=None):
+        self.block_size = block_size    # bytes
+        # what the kernel does with a block it hot-adds (offline, online, online_kernel,
+        # online_movable); None where the tree has no auto_online_blocks
+        self.auto_online = auto_online
+        self._blocks = None if blocks is None else tuple(blocks)
+        self._runs = None if runs is None else tuple(runs)
+
+    @property
+    def blocks(self):
+        if self._blocks is None:
+            self._blocks = tuple(
+                MemoryBlock(i, r.state, (r.zone_word,) if r.zone_word else (), r.node, None)
+                for r in self._runs for i in range(r.first, r.last + 1))
+        return self._blocks
+
+    @property
+    def runs(self):
+        if self._runs is None:
+            self._runs = _merged(_run_of(b) for b in self._blocks)
+        return self._runs
+
+    def with_blocks(self, changed, auto_online):
+        """These blocks with some read again: index -> MemoryBlock, or None where it is gone.
+        Costs what changed, times the runs: the blocks are spliced, the runs cut around them."""
+        blocks, runs = list(self.blocks), list(self.runs)
+        for index in sorted(changed):
+            block = changed[index]
+            i = bisect_left(blocks, index, key=lambda b: b.index)
+            here = i < len(blocks) and blocks[i].index == index
+            if block is not None:
+                blocks[i:i + here] = [block]
+            elif here:
+                del blocks[i]
+            k = bisect_right(runs, index, key=lambda r: r.first) - 1
+            if k >= 0 and runs[k].last >= index:   # cut its run around it
+                r = runs[k]
+                runs[k:k + 1] = [replace(r, last=index - 1)] * (r.first < index) + \
+                    [replace(r, first=index + 1)] * (index < r.last)
+            if block is not None:
+                k = bisect_right(runs, index, key=lambda r: r.first)
+                runs.insert(k, _run_of(block))
+        return MemoryBlocks(self.block_size, blocks, auto_online, _merged(runs))
+
+    def count(self):
+        return sum(r.last - r.first + 1 for r in self.runs)
+
+    def block(self, index):
+        """The block of this index, or None."""
+        if self._blocks is not None:
+            i = bisect_left(self._blocks, index, key=lambda b: b.index)
+            return self._blocks[i] if i < len(self._blocks) and self._blocks[i].index == index \
+                else None
+        r = self.run_at(index)
+        return r and MemoryBlock(index, r.state, (r.zone_word,) if r.zone_word else (), r.node,
+                                 None)
+
+    def run_at(self, index):
+        """The run holding this index, or None."""
+        runs = self.runs
+        i = bisect_right(runs, index, key=lambda r: r.first) - 1
+        return runs[i] if i >= 0 and runs[i].last >= index else None
+
+    def runs_between(self, first, last):
+        """The runs holding blocks first..last, cut to them."""
+        runs = self.runs
+        i = max(0, bisect_right(runs, first, key=lambda r: r.first) - 1)
+        out = []
+        for r in runs[i:]:
+            if r.first > last:
+                break
+            if r.last >= first:
+                out.append(r if first <= r.first and r.last <= last else
+                           replace(r, first=max(r.first, first), last=min(r.last, last)))
+        return out
+
+    def __eq__(self, other):
+        return isinstance(other, MemoryBlocks) and \
+            (self.block_size, self.auto_online, self.blocks) == \
+            (other.block_size, other.auto_online, other.blocks)
+
+    def __repr__(self):
+        return f"MemoryBlocks({self.block_size}, {len(self.runs)} runs, {self.auto_online!r})"
 
 
 def _one_line(root, relpath):
@@ -178,11 +295,10 @@ def read_memory_blocks(root="/", previous=None, changed=()):
         blocks = _read_blocks(root, block_indexes(root))
         return MemoryBlocks(size, tuple(b for b in blocks.values() if b), read_auto_online(root))
     if not changed:
-        return MemoryBlocks(previous.block_size, previous.blocks, read_auto_online(root))
-    merged = {b.index: b for b in previous.blocks}
-    merged.update(_read_blocks(root, changed))
-    return MemoryBlocks(previous.block_size, tuple(merged[i] for i in sorted(merged) if merged[i]),
-                        read_auto_online(root))
+        policy = read_auto_online(root)
+        return previous if policy == previous.auto_online else \
+            MemoryBlocks(previous.block_size, previous.blocks, policy)
+    return previous.with_blocks(_read_blocks(root, sorted(changed)), read_auto_online(root))
 
 
 def _read_blocks(root, indexes):
