@@ -2,7 +2,6 @@
 minute in procfs mode at the default reconcile interval, on this host's views, started and
 measured by the benchmark (after 5 s to start). Budget (DESIGN.md §7): ≤ 0.5% of one core."""
 
-import os
 import time
 
 from .processes import EXE, Server, free_port

@@ -21,7 +21,7 @@ What it knows, and from where:
 import errno
 
 from ..formats import RecordError, snapshot_from_record
-from .anomaly import CRITICAL, INFO, Anomaly
+from .anomaly import INFO, Anomaly
 from .invariants import DEVICE_ZONE, judge_views
 from .ranges import RangeMap, RangeSet, pfns_of
 
