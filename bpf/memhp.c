@@ -22,17 +22,21 @@ struct event {
 // one call is one event.
 BPF_HASH(inflight, u64, struct event, 4096);
 // [0] call sequence (entry order across CPUs: the order Python releases events in),
-// [1] events the output could not take; mapped into Python's memory, which reads it there
-BPF_F_TABLE("array", int, u64, counters, 2, BPF_F_MMAPABLE);
+// [1] events the output could not take, [2] calls returned; mapped into Python's memory, which
+// reads them there
+BPF_F_TABLE("array", int, u64, counters, 3, BPF_F_MMAPABLE);
 // Where entry builds its event: one per CPU, since the event is larger than a BPF stack can hold.
 BPF_PERCPU_ARRAY(scratch, struct event, 1);
 @OUTPUT_DECL@
 
-static __always_inline void count_lost(void) {
-    int k = 1;
+static __always_inline void count_up(int k) {
     u64 *v = counters.lookup(&k);
     if (v)
         __sync_fetch_and_add(v, 1);
+}
+
+static __always_inline void count_lost(void) {
+    count_up(1);
 }
 
 // Read `size` bytes at kernel address `base + offset`. Under fentry the verifier types arguments

@@ -301,6 +301,10 @@ class Probes:
         """How many calls have taken a number: every call numbered below it entered before now."""
         return self._counter(0) if self.bpf is not None else 0
 
+    def calls_returned(self):
+        """How many calls have returned (their return probe ran)."""
+        return self._counter(2) if self.bpf is not None else 0
+
     def _counter(self, index):
         """bpf/memhp.c's counters[index]."""
         return struct.unpack_from("=Q", self._counters, 8 * index)[0]

@@ -150,6 +150,7 @@ def _probe_pair(index, shape, ringbuf, method):
         return 0;
     {nl.join(_finish(shape, ret, ringbuf))}
     inflight.delete(&key);
+    count_up(2);   // a call returned: what it changed, the next read of the views reads whole
     return 0;
 }}
 """

@@ -8,8 +8,9 @@ after WAIT_SECONDS without, marked unknown.
 
 A read of the views reads again only the memory blocks that uevents named since the read
 before (the uevents waiting are taken just before it begins); every block is read at the first
-read, every FULL_READ_SECONDS, after the kernel dropped uevents, and always where no uevent
-comes (a tree under another root, unless uevents are given for it)."""
+read, every FULL_READ_SECONDS, after the kernel dropped uevents, after a probed call returned
+(its uevent may not be sent yet), and always where no uevent comes (a tree under another root,
+unless uevents are given for it)."""
 
 import os
 import queue
@@ -44,6 +45,7 @@ class LiveSource:
         self._changed = set()              # blocks they named since the last read of the views
         self._blocks = None                # the memory blocks of the last read
         self._full_read_at = None          # when every block was last read (monotonic)
+        self._returned = 0                 # probed calls returned before the last read began
 
     def header(self, first):
         """The trace header, from the first Snapshot read."""
@@ -66,9 +68,14 @@ class LiveSource:
             overflowed = self.uevents is not None and self.uevents.overflowed
             if overflowed:
                 self.uevents.overflowed = False
+        # a probed call that returned since the last read may have changed a block whose uevent
+        # the kernel has not sent yet (it comes after the call, milliseconds later under TCG)
+        returned = self.probes.calls_returned() if self.probes else 0
         before, self._blocks = self._blocks, None   # a read that fails makes the next one full
         full = self.uevents is None or before is None or overflowed or \
+            returned != self._returned or \
             time.monotonic() - self._full_read_at >= FULL_READ_SECONDS
+        self._returned = returned
         began = time.monotonic_ns()     # after the uevents taken: they came before the read
         snap = snapshot.take(self.root, None if full else before, changed)
         ended = time.monotonic_ns()
