@@ -8,12 +8,16 @@ import argparse
 import datetime
 import os
 import platform
+import signal
 import sys
 import tempfile
 
-from . import idle, reconcile, replay
+from observer.lab import LabError
+from observer.lab.kernels import LabSetupError
 
-BENCHMARKS = (reconcile, replay, idle)
+from . import idle, lab, reconcile, replay
+
+BENCHMARKS = (reconcile, replay, idle, lab)
 PLOT = os.path.join("docs", "bench-replay-scaling.png")   # beside the report
 WITHIN = {True: "yes", False: "**no**", None: "—"}          # None: no budget, reported beside
 
@@ -23,10 +27,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="small sizes and short runs: only that every benchmark still runs")
     ap.add_argument("--out", help="write the report here (BENCHMARKS.md) instead of stdout")
+    ap.add_argument("--no-lab", action="store_true",
+                    help="leave out the benchmarks that boot a lab guest (a few minutes)")
     args = ap.parse_args(argv)
-    if not os.access(reconcile.NODE_EXPORTER, os.X_OK):
-        sys.exit(f"bench: no {reconcile.NODE_EXPORTER}, the reference: install Debian's "
-                 f"prometheus-node-exporter (scripts/setup.sh --test-tools)")
+    signal.signal(signal.SIGTERM, _interrupted)   # a lab guest is then stopped like on Ctrl-C
+    for tool, package in ((reconcile.NODE_EXPORTER, "prometheus-node-exporter"),
+                          (None if args.no_lab else lab.BPFTRACE_EXE, "bpftrace")):
+        if tool and not os.access(tool, os.X_OK):
+            sys.exit(f"bench: no {tool}, a reference: install Debian's {package} "
+                     f"(scripts/setup.sh --test-tools)")
 
     def progress(s):
         print(f"bench: {s}", file=sys.stderr, flush=True)
@@ -36,6 +45,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="memhp-bench-") as work:
         rows = (reconcile.rows(sizes, rounds, work, progress) +
                 replay.rows(args.quick, work, progress, plot) + idle.rows(idle_seconds, progress))
+        if not args.no_lab:
+            try:
+                rows += lab.rows(args.quick, work, progress)
+            except (LabError, LabSetupError) as e:
+                sys.exit(f"bench: the lab: {e} (--no-lab leaves it out)")
     text = report(rows, " ".join(["python -m bench"] + (argv if argv is not None else sys.argv[1:])),
                   plot and PLOT)
     if args.out:
@@ -44,6 +58,10 @@ def main(argv=None):
         progress(f"report written to {args.out}")
     else:
         sys.stdout.write(text)
+
+
+def _interrupted(*_):
+    raise KeyboardInterrupt
 
 
 def report(rows, command, plot=None):

@@ -14,8 +14,9 @@ host_apt_stamp=/var/lib/apt/periodic/memhp-update-stamp   # beside apt's own upd
 need=(python3-venv python3-bpfcc prometheus)
 # --test-tools: what the tests check the observer against (node_exporter's zoneinfo collector,
 # Alertmanager receiving the alert rules' alerts, systemd's journald and systemd-analyze, capsh,
-# pahole and bpftool reading BTF); their services are not started either
-[ "${1:-}" != --test-tools ] || need+=(prometheus-node-exporter prometheus-alertmanager dwarves bpftool systemd libcap2-bin)
+# pahole and bpftool reading BTF, bpftrace the benchmarks' start-up reference in a lab guest);
+# their services are not started either
+[ "${1:-}" != --test-tools ] || need+=(prometheus-node-exporter prometheus-alertmanager dwarves bpftool systemd libcap2-bin bpftrace)
 missing=()
 for p in "${need[@]}"; do installed "$p" || missing+=("$p"); done
 kbuild=/lib/modules/$(uname -r)/build

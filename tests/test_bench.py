@@ -1,5 +1,5 @@
-"""The benchmarks still run (`python -m bench --quick`: every one, on small sizes, into a
-report). Their figures are not judged here: DESIGN.md §7's budgets are ratios a benchmark
+"""The benchmarks still run (`python -m bench --quick`: every one, on small sizes, the lab's in
+a guest of their own, into a report). Their figures are not judged here: DESIGN.md §7's budgets are ratios a benchmark
 reports (BENCHMARKS.md), never timed tests."""
 
 import os
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_every_benchmark_runs_into_the_report(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=1500)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "bench: replay: timing" in run.stderr            # progress, as it goes
     text = out.read_text()
@@ -24,7 +24,13 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
         *((f"{kind} (median of 3)", where) for kind in reconcile.KINDS.values()
           for where in ("this host", "1,000 blocks")),
         ("replay throughput", "2,000 events, 1,000 blocks"),
-        ("idle daemon CPU, procfs mode, 10 s reconcile", "this host")}
+        ("idle daemon CPU, procfs mode, 10 s reconcile", "this host"),
+        *((name, "Debian 6.12 guest (TCG)") for name in (
+            "start-up to READY, BPF mode (kprobes)", "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
+            "probe overhead, kprobes (the daemon), median of 3 cycles",
+            "probe overhead, fentry (`record`), median of 3 cycles",
+            "latency, kernel call to metric, 6 calls",
+            "latency, kernel call to anomaly journalled, 3 calls"))}
     assert all(re.fullmatch(r"[\d.]+×|—", r[4]) and r[6].rstrip(" |") in bench.WITHIN.values()
                for r in rows)
     for module in bench.BENCHMARKS:

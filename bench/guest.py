@@ -1,0 +1,172 @@
+"""The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
+through the lab agent): hotplug cycles timed, the daemon's /metrics and journal watched for
+what a cycle makes, processes started and timed until ready. Prints one JSON object. Refuses
+to run outside a lab guest, like every writer of hotplug sysfs files here."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+from observer.lab.marker import NotALabGuest, require_lab_guest
+
+MEM = "/sys/devices/system/memory"
+
+
+def movable_block():
+    """A block online in the boot Movable zone, from the middle (its edges may hold pages that
+    will not move)."""
+    blocks = sorted(int(name[6:]) for name in os.listdir(MEM) if re.fullmatch(r"memory\d+", name)
+                    and _read(f"{MEM}/{name}/state") == "online"
+                    and _read(f"{MEM}/{name}/valid_zones") == "Movable")
+    if len(blocks) < 3:
+        sys.exit("bench.guest: no boot Movable zone to cycle (movablecore= on the cmdline)")
+    return blocks[len(blocks) // 2]
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _write(path, word, tries=20):
+    """Write a state; a Movable block is sometimes briefly busy (EBUSY): tried again."""
+    for attempt in range(tries):
+        try:
+            with open(path, "w") as f:
+                f.write(word)
+            return
+        except OSError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5)
+
+
+def cycle(block):
+    """Seconds of one offline and online of the block (the two writes)."""
+    t = time.monotonic()
+    _write(f"{MEM}/memory{block}/state", "offline")
+    _write(f"{MEM}/memory{block}/state", "online_movable")
+    return time.monotonic() - t
+
+
+def cycles(n):
+    block = movable_block()
+    cycle(block)    # the first one warms the page cache and the allocator up
+    return {"block": block, "seconds": [cycle(block) for _ in range(n)]}
+
+
+def _events(port, function):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(
+        rf'^memhp_events_total{{[^}}]*function="{function}"[^}}]*}} (\S+)$', text, re.M))
+
+
+def _journalled(path):
+    with open(path) as f:
+        return sum(1 for line in f if '"type": "anomaly"' in line or '"type":"anomaly"' in line)
+
+
+def _until(changed, timeout=10.0):
+    """Seconds until changed() is true, looked at as fast as it answers."""
+    t = time.monotonic()
+    while not changed():
+        if time.monotonic() - t > timeout:
+            return None
+    return time.monotonic() - t
+
+
+def latency(n, port, journal, inject_dir):
+    """After each offline and online of a block returns: the seconds until the daemon's
+    /metrics counts the call. Then, with onlining made to fail (memory notifier error
+    injection), the seconds until the daemon's journal holds the failure's anomaly."""
+    block = movable_block()
+    to_metric, to_anomaly = [], []
+    for _ in range(n):
+        for word, fn in (("offline", "offline_pages"), ("online_movable", "online_pages")):
+            before = _events(port, fn)
+            _write(f"{MEM}/memory{block}/state", word)
+            to_metric.append(_until(lambda: _events(port, fn) > before))
+    _write(f"{MEM}/memory{block}/state", "offline")
+    _write(f"{inject_dir}/MEM_GOING_ONLINE/error", "-12")
+    try:
+        for _ in range(n):
+            before = _journalled(journal)
+            try:
+                with open(f"{MEM}/memory{block}/state", "w") as f:
+                    f.write("online_movable")
+            except OSError:
+                pass    # the injected -ENOMEM: the block stays offline
+            to_anomaly.append(_until(lambda: _journalled(journal) > before))
+    finally:
+        _write(f"{inject_dir}/MEM_GOING_ONLINE/error", "0")
+        _write(f"{MEM}/memory{block}/state", "online_movable")
+    return {"to_metric": to_metric, "to_anomaly": to_anomaly}
+
+
+def ready(argv, log, port=None, says=None, timeout=300):
+    """Start argv (output to log) and time it until ready: /metrics answers on port, or its
+    output says `says`. {"pid", "seconds"}."""
+    t = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def up():
+        if proc.poll() is not None:
+            return True
+        if port is not None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).close()
+                return True
+            except OSError:
+                return False
+        return says in _read(log)
+    while not up():
+        if time.monotonic() - t > timeout:
+            proc.kill()
+            sys.exit(f"bench.guest: {argv[0]} not ready after {timeout} s; {log}")
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        sys.exit(f"bench.guest: {argv[0]} exited ({proc.returncode}); {log}")
+    return {"pid": proc.pid, "seconds": time.monotonic() - t}
+
+
+def idle(pid, seconds):
+    """The process's CPU time over `seconds` as a share of one core, and its RSS."""
+    def cpu():
+        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    began, t = cpu(), time.monotonic()
+    time.sleep(seconds)
+    percent = 100 * (cpu() - began) / (time.monotonic() - t)
+    rss = int(re.search(r"VmRSS:\s+(\d+) kB", _read(f"/proc/{pid}/status")).group(1)) << 10
+    return {"percent": percent, "rss_bytes": rss}
+
+
+def main():
+    try:
+        require_lab_guest(sys.argv[1])    # it writes hotplug sysfs files
+    except NotALabGuest as e:
+        sys.exit(f"bench.guest: {e}")
+    verb, args = sys.argv[2], sys.argv[3:]
+    if verb == "cycles":
+        out = cycles(int(args[0]))
+    elif verb == "latency":
+        out = latency(int(args[0]), int(args[1]), args[2], args[3])
+    elif verb == "ready":
+        spec = json.loads(args[0])
+        out = ready(spec["argv"], spec["log"], spec.get("port"), spec.get("says"))
+    elif verb == "idle":
+        out = idle(int(args[0]), float(args[1]))
+    else:
+        sys.exit(f"bench.guest: unknown verb {verb}")
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The lab benchmarks, in one guest of Debian's 6.12 under QEMU/TCG (the lab's, with its boot
+Movable zone; bench/guest.py does the guest's side). Start-up: from launch to READY (/metrics
+answers: probes attached, first read judged) of the daemon in BPF mode, against Debian's
+bpftrace attaching kprobes on the same four core functions (until its BEGIN runs, after them).
+Idle: the BPF-mode daemon's CPU time as a share of one core, and its RSS, at the default
+reconcile interval. Probe overhead: offline and online of one boot-Movable block, timed cycle by
+cycle with no observer (before and after), with the daemon's kprobes attached, and with a
+fentry `record`; the overhead is the median cycle's against the median without. Latency: after
+each offline or online returns, until the daemon's /metrics counts the call; and with onlining
+made to fail (memory notifier error injection), until its anomaly journal holds the failure.
+Under TCG every guest instruction is emulated: times are those of the emulated machine, and
+the ratios are what compare. Budgets (DESIGN.md §7): start-up no slower than bpftrace, idle
+≤ 0.5% of one core, overhead ≤ 1%, latency p99 ≤ 100 ms."""
+
+import json
+import os
+import shlex
+import statistics
+import sys
+
+from observer.lab.guest import Guest
+from observer.lab.scenarios import GUEST_APPEND, GUEST_QEMU, INJECT, INJECT_DIR
+
+from .processes import EXE
+
+KERNEL = "6.12"
+CORE = ("arch_add_memory", "__remove_pages", "release_mem_region_adjustable", "devm_memremap_pages")
+BPFTRACE_EXE = "/usr/bin/bpftrace"
+# bpftrace runs BEGIN once every probe is attached (kprobe_multi where the kernel has it, which
+# /sys/kernel/debug/kprobes/list does not show)
+BPFTRACE = ('BEGIN { printf("attached\\n"); } ' + ",".join(f"kprobe:{fn}" for fn in CORE) +
+            " { @[probe] = count(); }")
+PORT = 9477
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_OVERHEAD = 1.0          # %
+MAX_P99 = 0.100             # seconds
+MAX_IDLE_PERCENT = 0.5
+
+
+def rows(quick, work, progress):
+    n, idle_seconds = (3, 5) if quick else (30, 60)
+    results = os.path.join(work, "lab")
+    os.makedirs(results)
+    with Guest(results, release=KERNEL, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
+               progress=progress) as guest:
+        def run(*args, timeout=900):
+            argv = [sys.executable, "-m", "bench.guest", results, *map(str, args)]
+            out = guest.sh(f"cd {TOP} && {shlex.join(argv)}", timeout=timeout)["out"]
+            return json.loads(out)
+
+        def stop(pid, signal="TERM"):
+            guest.sh(f"kill -{signal} {pid}; while [ -e /proc/{pid} ] && "
+                     f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.2; done", timeout=120)
+
+        guest.sh(INJECT)    # and debugfs, where the kernel lists its kprobes
+        progress(f"lab: {n} offline/online cycles with no observer")
+        bare = run("cycles", n)["seconds"]
+        progress("lab: bpftrace attaching the four core kprobes")
+        bpftrace = run("ready", json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e", BPFTRACE],
+                                            "log": f"{results}/bpftrace.log",
+                                            "says": "attached"}))
+        stop(bpftrace["pid"])
+        progress("lab: the daemon in BPF mode, until READY")
+        journal = f"{results}/journal.jsonl"
+        daemon = run("ready", json.dumps({"argv": [EXE, "run", "--mode", "bpf", "--listen",
+                                                   f"127.0.0.1:{PORT}", "--journal", journal],
+                                          "log": f"{results}/daemon.log", "port": PORT}))
+        progress(f"lab: the daemon idle for {idle_seconds} s")
+        idle = run("idle", daemon["pid"], idle_seconds)
+        progress(f"lab: {n} cycles with the daemon's kprobes")
+        kprobe = run("cycles", n)["seconds"]
+        progress(f"lab: latency over {n} cycles and {n} failed onlines")
+        latency = run("latency", n, PORT, journal, INJECT_DIR)
+        stop(daemon["pid"])
+        progress("lab: `record` through fentry, until it records")
+        recorder = run("ready", json.dumps({"argv": [EXE, "record", "--probe-method", "kfunc",
+                                                     "-o", f"{results}/kfunc.jsonl"],
+                                            "log": f"{results}/record.log",
+                                            "says": "recording to"}))
+        progress(f"lab: {n} cycles with fentry")
+        fentry = run("cycles", n)["seconds"]
+        stop(recorder["pid"], "INT")
+        progress(f"lab: {n} cycles with no observer, again")
+        bare += run("cycles", n)["seconds"]
+    where = f"Debian {KERNEL} guest (TCG)"
+    out = [{"benchmark": "start-up to READY, BPF mode (kprobes)", "where": where,
+            "measured": f"{daemon['seconds']:.1f} s",
+            "reference": f"bpftrace attaching the 4 core kprobes {bpftrace['seconds']:.1f} s",
+            "ratio": daemon["seconds"] / bpftrace["seconds"], "budget": "≤ 1.0×",
+            "within": daemon["seconds"] <= bpftrace["seconds"]},
+           {"benchmark": f"idle daemon CPU, BPF mode, 10 s reconcile, {idle_seconds} s", "where": where,
+            "measured": f"{idle['percent']:.2f}% of a core (RSS {idle['rss_bytes'] >> 20} MiB)",
+            "reference": "—", "ratio": None, "budget": f"≤ {MAX_IDLE_PERCENT}% of a core",
+            "within": idle["percent"] <= MAX_IDLE_PERCENT}]
+    base = statistics.median(bare)
+    for name, seconds in (("kprobes (the daemon)", kprobe), ("fentry (`record`)", fentry)):
+        extra = 100 * (statistics.median(seconds) / base - 1)
+        out.append({"benchmark": f"probe overhead, {name}, median of {n} cycles", "where": where,
+                    "measured": f"{statistics.median(seconds) * 1e3:.0f} ms a cycle ({extra:+.1f}%)",
+                    "reference": f"no observer, median of {len(bare)}: {base * 1e3:.0f} ms",
+                    "ratio": statistics.median(seconds) / base, "budget": f"≤ +{MAX_OVERHEAD:g}%",
+                    "within": extra <= MAX_OVERHEAD})
+    for name, seconds in (("kernel call to metric", latency["to_metric"]),
+                          ("kernel call to anomaly journalled", latency["to_anomaly"])):
+        seen = sorted(s for s in seconds if s is not None)
+        missed = len(seconds) - len(seen)
+        p50, p99 = _quantile(seen, 0.5), _quantile(seen, 0.99)
+        out.append({"benchmark": f"latency, {name}, {len(seconds)} calls", "where": where,
+                    "measured": f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms"
+                                + (f", {missed} not seen in 10 s" if missed else ""),
+                    "reference": "—", "ratio": None, "budget": f"p99 ≤ {MAX_P99 * 1e3:.0f} ms",
+                    "within": not missed and p99 <= MAX_P99})
+    return out
+
+
+def _quantile(sorted_values, q):
+    """The nearest-rank quantile; nan of nothing."""
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))]
