@@ -26,10 +26,11 @@ def read_kernel_release(root="/"):
         return None
 
 
-def take(root="/", blocks_before=None, changed=()):
+def take(root="/", blocks_before=None, changed=None):
     """Read every view under root. /proc/iomem alone may be hidden (no CAP_SYS_ADMIN) without
     stopping the rest; any other unreadable view raises ViewError. blocks_before: the memory
-    blocks of an earlier read, of which only those in `changed` (by uevent) are read again."""
+    blocks of an earlier read, of which only those uevents named since are read again
+    (`changed`: block index -> the uevent's action)."""
     kernel = read_kernel_release(root)
     zones = zoneinfo.read_zoneinfo(root)
     blocks = memory_blocks.read_memory_blocks(root, blocks_before, changed)

@@ -42,7 +42,8 @@ class LiveSource:
         self.lost = 0
         self._lock = threading.Lock()      # the uevents below are taken by both threads
         self._taken = []                   # uevents taken, not yet put out
-        self._changed = set()              # blocks they named since the last read of the views
+        self._changed = {}                 # block -> the last action uevents named it with since
+                                           # the last read of the views
         self._blocks = None                # the memory blocks of the last read
         self._full_read_at = None          # when every block was last read (monotonic)
         self._returned = 0                 # probed calls returned before the last read began
@@ -64,7 +65,7 @@ class LiveSource:
         """Read every view (in any thread) and queue its snapshot record; the Snapshot."""
         with self._lock:
             self._take_uevents()
-            changed, self._changed = self._changed, set()
+            changed, self._changed = self._changed, {}
             overflowed = self.uevents is not None and self.uevents.overflowed
             if overflowed:
                 self.uevents.overflowed = False
@@ -90,7 +91,7 @@ class LiveSource:
         """The uevents waiting, kept to be put out, their blocks to be read again. Lock held."""
         taken = self.uevents.take() if self.uevents else []
         self._taken += taken
-        self._changed.update(u["block"] for u in taken)
+        self._changed.update((u["block"], u["action"]) for u in taken)
 
     def poll(self, timeout=0.2):
         """The records now, in order: events (and begun/skipped/lost) and uevents, each

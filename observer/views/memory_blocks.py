@@ -285,11 +285,13 @@ def read_block_size(root="/"):
     return size
 
 
-def read_memory_blocks(root="/", previous=None, changed=()):
-    """Every memory block; or, given the MemoryBlocks of an earlier read and the indexes of the
-    blocks uevents named since (added, removed, onlined, offlined), those read again and the
-    others taken as they were. A block changes state or comes and goes only with a uevent; what
-    changes without one, the zones an offline block could go to, no record keeps."""
+def read_memory_blocks(root="/", previous=None, changed=None):
+    """Every memory block; or, given the MemoryBlocks of an earlier read and the blocks uevents
+    named since (index -> the last action: add, remove, online, offline), those read again and
+    the others taken as they were. A block changes state or comes and goes only with a uevent;
+    what changes without one, the zones an offline block could go to, no record keeps. A block
+    whose last uevent is `remove` is gone: the kernel sends it once the block's files are
+    removed, before its directory goes."""
     if previous is None:
         size = read_block_size(root)
         blocks = _read_blocks(root, block_indexes(root))
@@ -298,7 +300,9 @@ def read_memory_blocks(root="/", previous=None, changed=()):
         policy = read_auto_online(root)
         return previous if policy == previous.auto_online else \
             MemoryBlocks(previous.block_size, previous.blocks, policy)
-    return previous.with_blocks(_read_blocks(root, sorted(changed)), read_auto_online(root))
+    again = _read_blocks(root, sorted(i for i, action in changed.items() if action != "remove"))
+    again.update((i, None) for i, action in changed.items() if action == "remove")
+    return previous.with_blocks(again, read_auto_online(root))
 
 
 def _read_blocks(root, indexes):
