@@ -115,10 +115,7 @@ def snapshot_from_record(rec, header) -> Snapshot:
             count += last - first + 1
             if runs and first <= runs[-1].last or last < first or count > MAX_BLOCKS:
                 raise RecordError(f"memory blocks {first}-{last} out of order or too many")
-            online = state == "online" and zone
-            runs.append(memory_blocks.BlockRun(first, last, state,
-                                               zone if online and zone != "none" else None, node,
-                                               online and zone == "none"))
+            runs.append(memory_blocks.BlockRun.alike(first, last, state, zone, node))
         resources = _resources(rec)
         policy = rec.get("auto_online_blocks")
         if policy is not None and not isinstance(policy, str):

@@ -47,9 +47,8 @@ class MemoryBlock:
 
 
 def _run_of(block):
-    word = block.valid_zones[0] if block.state == "online" and block.valid_zones else None
-    return BlockRun(block.index, block.index, block.state, None if word == "none" else word,
-                    block.node, word == "none")
+    return BlockRun.alike(block.index, block.index, block.state,
+                          block.valid_zones[0] if block.valid_zones else None, block.node)
 
 
 def _merged(runs):
@@ -75,10 +74,23 @@ class BlockRun:
     node: Optional[int]
     spans_zones: bool = False  # online across several zones: valid_zones says "none"
 
+    @classmethod
+    def alike(cls, first, last, state, word, node):
+        """The run of blocks in this state whose valid_zones begins with `word` (an online
+        block's zone, or "none")."""
+        online = state == "online" and bool(word)
+        return cls(first, last, state, word if online and word != "none" else None, node,
+                   online and word == "none")
+
     @property
     def zone_word(self):
         """The zone as valid_zones begins for an online block, as a snapshot record keeps it."""
         return "none" if self.spans_zones else self.zone
+
+    def block(self, index):
+        """One of its blocks, as a snapshot record gives it back."""
+        return MemoryBlock(index, self.state, (self.zone_word,) if self.zone_word else (),
+                           self.node, None)
 
 
 class MemoryBlocks:
@@ -97,9 +109,7 @@ class MemoryBlocks:
     @property
     def blocks(self):
         if self._blocks is None:
-            self._blocks = tuple(
-                MemoryBlock(i, r.state, (r.zone_word,) if r.zone_word else (), r.node, None)
-                for r in self._runs for i in range(r.first, r.last + 1))
+            self._blocks = tuple(r.block(i) for r in self._runs for i in range(r.first, r.last + 1))
         return self._blocks
 
     @property
@@ -140,8 +150,7 @@ class MemoryBlocks:
             return self._blocks[i] if i < len(self._blocks) and self._blocks[i].index == index \
                 else None
         r = self.run_at(index)
-        return r and MemoryBlock(index, r.state, (r.zone_word,) if r.zone_word else (), r.node,
-                                 None)
+        return r and r.block(index)
 
     def run_at(self, index):
         """The run holding this index, or None."""
