@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass, field, replace as _replace
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import ProcessCollector
 
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
 from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
-from .metrics import DURATION_BUCKETS, StateCollector, block_counts
+from .metrics import DURATION_BUCKETS, StateCollector, block_counts, serve
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
 from .model.ranges import RangeMap
@@ -153,9 +153,7 @@ class Daemon:
         self.current = State(kernel=kernel, mode=self.source.mode,
                              probe_methods={fn: st.method for fn, st in status.items()
                                             if st.attached})
-        registry = CollectorRegistry()
-        registry.register(StateCollector(self))
-        ProcessCollector(registry=registry)
+        collectors = [StateCollector(self), ProcessCollector(registry=None)]
         threading.Thread(target=self._reconciler, name="reconcile", daemon=True).start()
         self._due.set()
         while not self._done.wait(0.2):
@@ -163,7 +161,7 @@ class Daemon:
                 self.source.close()
                 return False
             self._say_if_stuck()
-        start_http_server(port, addr=host, registry=registry)   # OSError when the port is taken
+        serve(host, port, collectors)
         # probes attached (or deliberately not) and the first read taken: ready
         self.notifier.send(READY=1, STATUS=f"{self.mode_said}; serving /metrics on {host}:{port}")
         log.info("serving /metrics on %s:%d, reconciling every %g s", host, port, self.interval)

@@ -1,9 +1,14 @@
-"""Prometheus exposition of the daemon's current state (DESIGN.md §4). A collector with no state
-of its own: each scrape renders the last reconciled State."""
+"""Prometheus exposition of the daemon's current state (DESIGN.md §4): a collector with no state
+of its own (each scrape renders the last reconciled State), the text it is written in, and the
+listener that serves it."""
 
+import socket
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .model.anomaly import SEVERITY
@@ -187,3 +192,53 @@ class StateCollector:
                 buckets.append((le, cumulative))
             hist.add_metric([fn], buckets, sum_value=total)
         return hist
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def exposition(collectors):
+    """The text format (0.0.4) of the families the collectors yield, as prometheus_client's
+    generate_latest writes them, without its checks of every sample's names: names this module
+    chose need none, and those checks were most of a scrape's cost."""
+    out = []
+    for collector in collectors:
+        for family in collector.collect():
+            name = family.name + "_total" if family.type == "counter" else family.name
+            doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+            out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{_escaped(v)}"' for k, v in sorted(sample.labels.items()))
+                out.append(f"{sample.name}{{{labels}}} " if labels else f"{sample.name} ")
+                out.append(floatToGoString(sample.value) + "\n")
+    return "".join(out).encode()
+
+
+def _escaped(label_value):
+    return label_value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def serve(host, port, collectors):
+    """/metrics (any path) on host:port, from threads of its own. OSError when the port is
+    taken."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = exposition(collectors)
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):   # a line per scrape is noise in the journal
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        # AF_INET6 for an IPv6 address (HTTPServer binds AF_INET only)
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                            flags=socket.AI_PASSIVE)[0][0]
+
+    server = Server((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

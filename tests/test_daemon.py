@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import os
 import urllib.request
@@ -27,9 +28,10 @@ def free_port():
 
 
 class Observer:
-    def __init__(self, *args, argv0=(EXE,), env=None):
+    def __init__(self, *args, argv0=(EXE,), env=None, host="127.0.0.1"):
         self.port = free_port()
-        self.proc = subprocess.Popen([*argv0, "run", "--listen", f"127.0.0.1:{self.port}", *args],
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.proc = subprocess.Popen([*argv0, "run", "--listen", self.address, *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env)
         deadline = time.monotonic() + 60
@@ -44,7 +46,7 @@ class Observer:
                 time.sleep(0.1)
 
     def scrape(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{self.address}/metrics", timeout=5) as r:
             return r.read().decode()
 
     def samples(self, text=None):
@@ -161,6 +163,51 @@ def test_promtool_is_clean_on_the_exposition(observer):
                            text=True, timeout=60)
     assert check.returncode == 0 and check.stdout + check.stderr == "", check.stdout + check.stderr
     assert o.stop()[0] == 0
+
+
+def test_exposition_reads_as_prometheus_clients_own(host_copy, monkeypatch):
+    """The daemon writes the text format itself: prometheus_client's generate_latest, given the
+    same collectors, writes what parses to the same families, samples and values (an anomaly
+    present, and label values that need escaping)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+    from observer import daemon as daemon_module
+    from observer.metrics import StateCollector, exposition
+
+    (host_copy / "sys/devices/system/memory/memory199/state").write_text("offline\n")
+    (host_copy / "proc/sys/kernel/osrelease").write_text('6.18.0-"odd\\name\n')
+    served = []
+    monkeypatch.setattr(daemon_module, "serve", lambda host, port, collectors: served.append(collectors))
+    d = daemon_module.Daemon(root=str(host_copy), interval=0.3, mode="procfs")
+    assert d.start("127.0.0.1", 0)
+    loop = threading.Thread(target=d.loop)
+    loop.start()
+    deadline = time.monotonic() + 30   # a read in the model's first second is not judged
+    while not d.current.anomalies and time.monotonic() < deadline:
+        time.sleep(0.1)
+    d.stop.set()
+    loop.join()
+    ours = exposition(served[0])
+    registry = CollectorRegistry()
+    registry.register(StateCollector(d))
+    ProcessCollector(registry=registry)
+    theirs = generate_latest(registry)
+
+    def families(text):
+        # process figures and how long the block has been offline move between the two calls
+        moving = ("process_", "memhp_memory_block_offline_seconds")
+        return {f.name: (f.type, f.documentation,
+                         sorted((s.name, sorted(s.labels.items()),
+                                 None if f.name.startswith(moving) else s.value) for s in f.samples))
+                for f in text_string_to_metric_families(text.decode())}
+    assert families(ours) == families(theirs)
+    assert ('kernel="6.18.0-\\"odd\\\\name"' in ours.decode()
+            and families(ours)["memhp_anomalies_active"][2].count(
+                ("memhp_anomalies_active", [("kind", "zone_span_leak")], 1.0)) == 1)
+
+
+def test_serves_on_ipv6_loopback(observer):
+    o = observer(host="::1")
+    assert "memhp_build_info" in o.text and o.stop()[0] == 0
 
 
 def test_process_metrics_agree_with_psutil_and_llvm_stays_out(observer):
