@@ -225,8 +225,13 @@ class Daemon:
     def loop(self):
         """Feed the model what the source puts out; reconcile every interval, and soon after a
         memory block is added, removed, onlined or offlined (its uevent): at once, and again
-        once the uevents have settled, so that two reads can agree (procfs mode judges so)."""
-        next_at = time.monotonic() + min(self.interval, SETTLE_NS * 1.5 / 1e9)
+        once the uevents have settled, so that two reads can agree (procfs mode judges so).
+        Through a burst of uevents (a DIMM's blocks onlined, a test cycling one) it reads once
+        a settle time at most: a read while hotplug runs is not judged, and each one takes
+        locks and CPU the hotplug in progress would use."""
+        settle = SETTLE_NS * 1.5 / 1e9
+        next_at = time.monotonic() + min(self.interval, settle)
+        last_uevent = float("-inf")
         pinged = 0.0
         try:
             while not self.stop.is_set():
@@ -244,12 +249,16 @@ class Daemon:
                 wait = max(0.0, min(next_at - time.monotonic(), 0.5))
                 records = self.source.poll(wait)
                 self._take(records)
+                now = time.monotonic()
                 if any(r["type"] == "uevent" for r in records):
-                    self._due.set()    # no second one while one runs: it runs once more after
-                    next_at = min(next_at, time.monotonic() + SETTLE_NS * 1.5 / 1e9)
-                elif time.monotonic() >= next_at:
+                    if now - last_uevent >= settle:   # a burst begins
+                        self._due.set()   # no second one while one runs: it runs once more after
+                    last_uevent = now
+                    next_at = min(next_at, now + settle)
+                if now >= next_at:
                     self._due.set()
-                    next_at = time.monotonic() + self.interval
+                    # in a burst, again a settle time on (and after its last uevent, settled)
+                    next_at = now + (settle if now - last_uevent < settle else self.interval)
                 self._say_if_stuck()
         finally:
             self.notifier.send(STOPPING=1)

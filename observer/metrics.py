@@ -240,5 +240,8 @@ def serve(host, port, collectors):
                                             flags=socket.AI_PASSIVE)[0][0]
 
     server = Server((host, port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    # no poll interval: it only bounds how soon shutdown() is seen, and the server lives as long
+    # as the process (the default woke it twice a second for nothing)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="metrics",
+                     daemon=True).start()
     return server

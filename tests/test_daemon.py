@@ -2,6 +2,7 @@
 node_exporter and lsmem, checked with promtool, measured from outside with psutil, stopped with
 SIGTERM."""
 
+import functools
 import json
 import signal
 import socket
@@ -203,6 +204,39 @@ def test_exposition_reads_as_prometheus_clients_own(host_copy, monkeypatch):
     assert ('kernel="6.18.0-\\"odd\\\\name"' in ours.decode()
             and families(ours)["memhp_anomalies_active"][2].count(
                 ("memhp_anomalies_active", [("kind", "zone_span_leak")], 1.0)) == 1)
+
+
+def test_a_burst_of_uevents_is_read_once_a_settle_time_then_once_settled(host_copy, monkeypatch):
+    """A test cycling a block makes uevents back to back: the daemon reads at the first, then
+    once a settle time (1.5 s) at most while they come, then once they have settled, and
+    judges that read; not a read per wakeup, each taking locks the hotplug would use."""
+    from observer import daemon as daemon_module
+    from observer.uevents import HandedUevents
+    handed = HandedUevents()
+    monkeypatch.setattr(daemon_module, "LiveSource",
+                        functools.partial(daemon_module.LiveSource, uevents=handed))
+    monkeypatch.setattr(daemon_module, "serve", lambda host, port, collectors: None)
+    d = daemon_module.Daemon(root=str(host_copy), interval=86400, mode="procfs")
+    assert d.start("127.0.0.1", 0)
+    reads, read_views = [], d.source.read_views
+    d.source.read_views = lambda: reads.append(time.monotonic()) or read_views()
+    loop = threading.Thread(target=d.loop)
+    loop.start()
+    try:
+        began = time.monotonic()
+        while time.monotonic() - began < 3.2:
+            handed.hand("offline" if len(handed.waiting) % 2 else "online", 199)
+            time.sleep(0.05)
+        last = time.monotonic()
+        judged = d.model.snapshots["judged"]
+        time.sleep(2.5)
+    finally:
+        d.stop.set()
+        loop.join()
+    during = [t for t in reads if began <= t <= last]
+    after = [t - last for t in reads if t > last]
+    assert 1 <= len(during) <= 3, [round(t - began, 2) for t in reads]
+    assert after and after[-1] >= 1.5 and d.model.snapshots["judged"] > judged
 
 
 def test_serves_on_ipv6_loopback(observer):
