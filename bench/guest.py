@@ -1,11 +1,13 @@
 """The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
-through the lab agent): hotplug cycles timed, the daemon's /metrics and journal watched for
-what a cycle makes, processes started and timed until ready. Prints one JSON object. Refuses
-to run outside a lab guest, like every writer of hotplug sysfs files here."""
+through the lab agent): hotplug cycles timed (alone, or in turns with the daemon's probes on
+and off), the daemon's /metrics and journal watched for what a cycle makes, processes started
+and timed until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
+writer of hotplug sysfs files here."""
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import urllib.request
 from observer.lab.marker import NotALabGuest, require_lab_guest
 
 MEM = "/sys/devices/system/memory"
+KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"   # 0 disarms every kprobe, 1 arms them
 
 
 def movable_block():
@@ -57,6 +60,33 @@ def cycles(n):
     block = movable_block()
     cycle(block)    # the first one warms the page cache and the allocator up
     return {"block": block, "seconds": [cycle(block) for _ in range(n)]}
+
+
+def in_turns(rounds, batch, pid):
+    """Cycles with the daemon's kprobes on and off in turns, `batch` at a time, for `rounds`
+    rounds (on first, then off first, and so on): under TCG a guest's cycle drifts by tens of
+    percent within minutes, and turns cancel the drift. Off: every kprobe disarmed (the kernel's
+    own switch) and the daemon stopped (SIGSTOP); on: armed and running, taking the uevents of
+    the turn before too. {"on": [seconds], "off": [seconds]}."""
+    block = movable_block()
+    cycle(block)
+    out = {"on": [], "off": []}
+
+    def turn(on):
+        if on:
+            _write(KPROBES_ENABLED, "1")
+            os.kill(pid, signal.SIGCONT)
+        else:
+            os.kill(pid, signal.SIGSTOP)
+            _write(KPROBES_ENABLED, "0")
+    try:
+        for r in range(rounds):
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                turn(on)
+                out["on" if on else "off"] += [cycle(block) for _ in range(batch)]
+    finally:
+        turn(True)
+    return out
 
 
 def _events(port, function):
@@ -156,6 +186,8 @@ def main():
     verb, args = sys.argv[2], sys.argv[3:]
     if verb == "cycles":
         out = cycles(int(args[0]))
+    elif verb == "in_turns":
+        out = in_turns(int(args[0]), int(args[1]), int(args[2]))
     elif verb == "latency":
         out = latency(int(args[0]), int(args[1]), args[2], args[3])
     elif verb == "ready":

@@ -257,8 +257,10 @@ class Daemon:
                     next_at = min(next_at, now + settle)
                 if now >= next_at:
                     self._due.set()
-                    # in a burst, again a settle time on (and after its last uevent, settled)
-                    next_at = now + (settle if now - last_uevent < settle else self.interval)
+                    # in a burst, again once a settle time has passed since its last uevent
+                    # (later ones do not put that off: see above); then at the interval
+                    quiet_at = last_uevent + settle
+                    next_at = quiet_at if now < quiet_at else now + self.interval
                 self._say_if_stuck()
         finally:
             self.notifier.send(STOPPING=1)

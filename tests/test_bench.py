@@ -27,7 +27,7 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
         ("idle daemon CPU, procfs mode, 10 s reconcile", "this host"),
         *((name, "Debian 6.12 guest (TCG)") for name in (
             "start-up to READY, BPF mode (kprobes)", "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
-            "probe overhead, kprobes (the daemon), median of 3 cycles",
+            "probe overhead, kprobes (the daemon), on and off in turns, median of 6 cycles",
             "probe overhead, fentry (`record`), median of 3 cycles",
             "latency, kernel call to metric, 6 calls",
             "latency, kernel call to anomaly journalled, 3 calls"))}

@@ -11,6 +11,7 @@ an init-only function of an unrelated module, between devm_create_dev_dax and da
 An address no symbol of its module explains is given as "0xADDR [module]"."""
 
 import bisect
+import threading
 
 
 def parse_modules(text):
@@ -34,6 +35,12 @@ class Ksyms:
         self.addrs, self.names, self.owners = [], [], []
         self.by_module = {}        # module -> ([addrs], [names])
         self.ranges = []
+        self._lock = threading.Lock()   # one parse at a time: a lookup waits for one under way
+
+    def load_soon(self):
+        """Parse kallsyms now, in a thread of its own (while bcc compiles, which lets go of the
+        GIL), so that the first event is not held up by the parse."""
+        threading.Thread(target=self.names_of, args=([],), name="kallsyms", daemon=True).start()
 
     def _refresh(self):
         try:
@@ -82,5 +89,6 @@ class Ksyms:
         return f"{addr:#x} [{inside[0]}]"
 
     def names_of(self, addrs):
-        self._refresh()
-        return [self.name_of(a) for a in addrs]
+        with self._lock:
+            self._refresh()
+            return [self.name_of(a) for a in addrs]

@@ -184,6 +184,9 @@ class Probes:
                 raise ProbeError(f"no kernel headers at {headers_dir()}: install "
                                  f"linux-headers-{os.uname().release}")
             method = self.status[next(iter(self.shapes))].method
+            # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
+            # first call-to-metric took 4.9 s), done while the program compiles
+            self.ksyms.load_soon()
             (self._start_kprobes if method == "kprobe" else self._start_kfuncs)()
         self._strict_check()
         if self.bpf is not None:
