@@ -312,6 +312,9 @@ class Probes:
         """bpf/memhp.c's counters[index]."""
         return struct.unpack_from("=Q", self._counters, 8 * index)[0]
 
+    def holding(self):
+        return self.order.holding()
+
     def released_below(self):
         """Every call numbered below it has been put out by poll (event, begun or skipped)."""
         return self.order.next_seq

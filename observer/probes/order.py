@@ -41,6 +41,11 @@ class CallOrder:
         self.pending[seq] = (event, now)
         return self._release()
 
+    def holding(self):
+        """Events held for a number still to come, or calls written `begun` still to end: their
+        records come by time (expire), so the caller looks again soon."""
+        return bool(self.pending or self.begun)
+
     def _release(self):
         out = []
         while self.next_seq in self.pending:

@@ -160,6 +160,11 @@ class LiveSource:
     def _waiting_for_calls(self):
         return self._waiting is not None or not self._read.empty()
 
+    def holding(self):
+        """Whether records are held back until their turn, which may come by time alone (a
+        read waiting for its calls, an event for a number lost): poll again soon."""
+        return self._waiting_for_calls() or bool(self.probes and self.probes.holding())
+
     def close(self):
         if self.probes:
             self.probes.close()
