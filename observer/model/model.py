@@ -47,7 +47,7 @@ MAX_PFN = 1 << 52             # 2^64 bytes of 4 KiB pages: no kernel event goes 
 def _pfns(event):
     """[first, end) pfns of an event."""
     lo, n = event["start_pfn"], event["nr_pages"]
-    if not (isinstance(lo, int) and isinstance(n, int) and 0 <= lo and 0 < n and lo + n <= MAX_PFN):
+    if not (type(lo) is int and type(n) is int and 0 <= lo and 0 < n and lo + n <= MAX_PFN):
         raise RecordError(f"pfn range {lo!r} + {n!r} is not one a kernel calls with")
     return lo, lo + n
 
@@ -77,6 +77,10 @@ def _blocked(page):
     cause = (f"the kernel named {which} ('{page['reason']}'; flags "
              f"{'|'.join(page['flags']) or 'none'}; refcount {page['refcount']}{more})")
     return cause, f"dump_page during the call: {page}"
+
+
+def _no_handler(event, judge):
+    return []
 
 
 def _span(span):
@@ -117,6 +121,7 @@ class Model:
         self.reported = {}         # (kind, severity) -> count of anomalies reported
         self.snapshots = {"judged": 0, "unsettled": 0}
         self.last_unsettled = ""   # why the last snapshot was not judged
+        self._handlers = {}        # function -> its _on_ method (replay looks one up per event)
 
     # --- the stream ---------------------------------------------------------------------------
 
@@ -133,21 +138,21 @@ class Model:
             self.quiet = None
         if kind != "skipped":   # every other record has a time, kept for later comparisons
             ts = rec["ts_ns"]
-            if not isinstance(ts, int) or ts < 0:
+            if type(ts) is not int or ts < 0:
                 raise RecordError(f"ts_ns {ts!r} is not a CLOCK_MONOTONIC time in ns")
-            if kind != "lost":
+            if kind != "lost" and self.pending:
                 out += self._judge_held(ts)
-        if kind == "snapshot":
-            out += self._snapshot(rec)
-        elif kind == "event":
+        if kind == "event":
             out += self._event(rec)
+        elif kind == "snapshot":
+            out += self._snapshot(rec)
         elif kind == "begun":
             self.in_flight[rec["seq"]] = (rec["ts_ns"], rec.get("fn"), rec.get("tid"))
         elif kind == "uevent":
             self.uevent_times.append(rec["ts_ns"])
         elif kind in ("lost", "skipped"):
             out += self._lost(rec)
-        return self._report(out)
+        return self._report(out) if out else out
 
     def finish(self):
         """At the end of a trace: the snapshots still held are judged."""
@@ -435,9 +440,12 @@ class Model:
         # rules about one call are judged on it alone; `judge`: the rules that also need the
         # model's state (what is present), known only from the first read on, and not after a loss
         judge = self.sure and ts >= self.baseline_end
-        handler = getattr(self, "_on_" + e["fn"].lstrip("_"), None)
-        out = handler(e, judge) if handler else []
-        if not _ok(e) and e["fn"] in FAILURES_REPORTED:
+        fn = e["fn"]
+        handler = self._handlers.get(fn)
+        if handler is None:
+            handler = self._handlers[fn] = getattr(self, "_on_" + fn.lstrip("_"), _no_handler)
+        out = handler(e, judge)
+        if not _ok(e) and fn in FAILURES_REPORTED:
             out.append(self._failed(e))
         return out
 
@@ -572,7 +580,10 @@ class Model:
         # before 5.12 online_pages takes no zone (it picks one itself): its event says neither
         # zone nor span, and only the views judge them
         zone = e.get("zone")
-        self.was_online.setdefault((e.get("nid"), zone), RangeSet()).add(*blocks)
+        online = self.was_online.get((e.get("nid"), zone))
+        if online is None:
+            online = self.was_online[(e.get("nid"), zone)] = RangeSet()
+        online.add(*blocks)
         if self.expected is not None:
             self.expected.assign(*blocks, ("online", zone))
         if zone is None:

@@ -111,20 +111,55 @@ class RangeMap:
         return out
 
     def assign(self, lo, hi, value):
-        self._put(lo, hi, value)
+        """[lo, hi) given the value (None: no value); ranges that then touch with one value
+        made one. Replay does this for every online and offline: no list is built but the few
+        ranges put back."""
+        if lo >= hi:
+            return
+        los, his, vals = self.los, self.his, self.vals
+        i, j = bisect_right(his, lo), bisect_left(los, hi)   # ranges i..j-1 overlap
+        head = i < j and los[i] < lo       # the first keeps its part before lo
+        tail = i < j and his[j - 1] > hi   # the last its part after hi
+        a, b = lo, hi                      # the new range, grown over those of its value
+        if head:
+            if vals[i] == value:
+                a, head = los[i], False
+        elif value is not None and i > 0 and his[i - 1] == lo and vals[i - 1] == value:
+            i -= 1
+            a = los[i]
+        if tail:
+            if vals[j - 1] == value:
+                b, tail = his[j - 1], False
+        elif value is not None and j < len(los) and los[j] == hi and vals[j] == value:
+            b = his[j]
+            j += 1
+        new_los, new_his, new_vals = [], [], []
+        if head:
+            new_los.append(los[i])
+            new_his.append(lo)
+            new_vals.append(vals[i])
+        if value is not None:
+            new_los.append(a)
+            new_his.append(b)
+            new_vals.append(value)
+        if tail:
+            new_los.append(hi)
+            new_his.append(his[j - 1])
+            new_vals.append(vals[j - 1])
+        los[i:j], his[i:j], vals[i:j] = new_los, new_his, new_vals
 
     def clear(self, lo, hi):
-        self._put(lo, hi, None)
+        self.assign(lo, hi, None)
 
     def fill(self, lo, hi, value):
         """The value over the parts of [lo, hi) that have none."""
         at = lo
         for a, b, _ in self.items(lo, hi):
             if a > at:
-                self._put(at, a, value)
+                self.assign(at, a, value)
             at = b
         if at < hi:
-            self._put(at, hi, value)
+            self.assign(at, hi, value)
 
     def items(self, lo=None, hi=None):
         """(lo, hi, value) of the ranges overlapping [lo, hi) (all without bounds), cut to it."""
@@ -150,33 +185,6 @@ class RangeMap:
     def _at(self, point):
         i = bisect_right(self.los, point) - 1
         return self.vals[i] if i >= 0 and point < self.his[i] else None
-
-    def _put(self, lo, hi, value):
-        if lo >= hi:
-            return
-        i, j = bisect_right(self.his, lo), bisect_left(self.los, hi)   # ranges i..j-1 overlap
-        new = []
-        if i < j and self.los[i] < lo:
-            new.append((self.los[i], lo, self.vals[i]))
-        if value is not None:
-            new.append((lo, hi, value))
-        if i < j and self.his[j - 1] > hi:
-            new.append((hi, self.his[j - 1], self.vals[j - 1]))
-        if i > 0:        # the neighbours, for merging
-            i -= 1
-            new.insert(0, (self.los[i], self.his[i], self.vals[i]))
-        if j < len(self.los):
-            new.append((self.los[j], self.his[j], self.vals[j]))
-            j += 1
-        merged = []
-        for a, b, v in new:
-            if merged and merged[-1][1] == a and merged[-1][2] == v:
-                merged[-1] = (merged[-1][0], b, v)
-            else:
-                merged.append((a, b, v))
-        self.los[i:j] = [a for a, _, _ in merged]
-        self.his[i:j] = [b for _, b, _ in merged]
-        self.vals[i:j] = [v for _, _, v in merged]
 
     def __eq__(self, other):
         return (self.los, self.his, self.vals) == (other.los, other.his, other.vals)
