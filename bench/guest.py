@@ -66,8 +66,9 @@ def in_turns(rounds, batch, pid):
     """Cycles with the daemon's kprobes on and off in turns, `batch` at a time, for `rounds`
     rounds (on first, then off first, and so on): under TCG a guest's cycle drifts by tens of
     percent within minutes, and turns cancel the drift. Off: every kprobe disarmed (the kernel's
-    own switch) and the daemon stopped (SIGSTOP); on: armed and running, taking the uevents of
-    the turn before too. {"on": [seconds], "off": [seconds]}."""
+    own switch) and the daemon stopped (SIGSTOP); on: armed and running, once it has taken what
+    came while it was stopped (the uevents of the turn before, no work of these cycles'). {"on":
+    [seconds], "off": [seconds]}."""
     block = movable_block()
     cycle(block)
     out = {"on": [], "off": []}
@@ -76,6 +77,7 @@ def in_turns(rounds, batch, pid):
         if on:
             _write(KPROBES_ENABLED, "1")
             os.kill(pid, signal.SIGCONT)
+            _quiet(pid)
         else:
             os.kill(pid, signal.SIGSTOP)
             _write(KPROBES_ENABLED, "0")
@@ -87,6 +89,20 @@ def in_turns(rounds, batch, pid):
     finally:
         turn(True)
     return out
+
+
+def _quiet(pid, still=0.5, timeout=10.0):
+    """Until the process has used no CPU for `still` seconds (or `timeout` passed)."""
+    def ticks():
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])    # utime + stime
+    began, last, since = time.monotonic(), ticks(), time.monotonic()
+    while time.monotonic() - since < still and time.monotonic() - began < timeout:
+        time.sleep(0.1)
+        now = ticks()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def _events(port, function):
