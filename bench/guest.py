@@ -66,9 +66,11 @@ def in_turns(rounds, batch, pid):
     """Cycles with the daemon's kprobes on and off in turns, `batch` at a time, for `rounds`
     rounds (on first, then off first, and so on): under TCG a guest's cycle drifts by tens of
     percent within minutes, and turns cancel the drift. Off: every kprobe disarmed (the kernel's
-    own switch) and the daemon stopped (SIGSTOP); on: armed and running, once it has taken what
-    came while it was stopped (the uevents of the turn before, no work of these cycles'). {"on":
-    [seconds], "off": [seconds]}."""
+    own switch) and the daemon stopped (SIGSTOP); on: armed and running. Each turn begins once
+    the daemon has been idle for a while: in an on turn it has then taken what came while it
+    was stopped (the uevents of the turn before, no work of these cycles'), and both kinds
+    begin from a guest as idle (the first cycles after idling are slower). {"on": [seconds],
+    "off": [seconds]}."""
     block = movable_block()
     cycle(block)
     out = {"on": [], "off": []}
@@ -77,10 +79,10 @@ def in_turns(rounds, batch, pid):
         if on:
             _write(KPROBES_ENABLED, "1")
             os.kill(pid, signal.SIGCONT)
-            _quiet(pid)
         else:
             os.kill(pid, signal.SIGSTOP)
             _write(KPROBES_ENABLED, "0")
+        _quiet(pid)   # both turns begin from a guest left idle alike
     try:
         for r in range(rounds):
             for on in (True, False) if r % 2 == 0 else (False, True):

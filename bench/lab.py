@@ -4,11 +4,12 @@ answers: probes attached, first read judged) of the daemon in BPF mode, against 
 bpftrace attaching kprobes on the same four core functions (until its BEGIN runs, after them).
 Idle: the BPF-mode daemon's CPU time as a share of one core, and its RSS, at the default
 reconcile interval. Probe overhead: offline and online of one boot-Movable block, timed cycle by
-cycle. The daemon's kprobes: in turns of 5 cycles, on (armed, the daemon running, once it has
-taken what came while it was stopped) and off (every kprobe disarmed through debugfs, the
-daemon stopped), 40 rounds, since under TCG a guest's cycle drifts by tens of percent within
-minutes; a fentry `record` (fentry cannot be
-disarmed so): against cycles with no observer before and after. The overhead is the median
+cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon running) and off
+(every kprobe disarmed through debugfs, the daemon stopped), 10 rounds, since under TCG a
+guest's cycle drifts by tens of percent within minutes; each turn begins once the daemon has
+been idle half a second (in an on turn it has then taken what came while it was stopped), so
+both kinds begin from a guest as idle: the first cycles after idling take longer. A fentry
+`record` (fentry cannot be disarmed so): against cycles with no observer before and after. The overhead is the median
 cycle's against the median without. Latency: after
 each offline or online returns, until the daemon's /metrics counts the call; and with onlining
 made to fail (memory notifier error injection), until its anomaly journal holds the failure.
@@ -44,7 +45,7 @@ MAX_IDLE_PERCENT = 0.5
 def rows(quick, work, progress):
     # a cycle takes a few ms: many make the median steady; each latency sample waits on /metrics
     n, cycles, idle_seconds = (3, 3, 5) if quick else (30, 200, 60)
-    rounds, batch = (2, 3) if quick else (40, 5)
+    rounds, batch = (2, 3) if quick else (10, 20)
     results = os.path.join(work, "lab")
     os.makedirs(results)
     with Guest(results, release=KERNEL, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
