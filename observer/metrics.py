@@ -251,4 +251,3 @@ def serve(host, port, collectors):
     # as the process (the default woke it twice a second for nothing)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": None}, name="metrics",
                      daemon=True).start()
-    return server

@@ -850,8 +850,21 @@ def test_every_dashboard_query_returns_data(lab, host_copy, tmp_path):
         with urllib.request.urlopen(url, timeout=30) as r:
             return json.loads(r.read())["data"]["result"]
 
+    def scraped(times):
+        """Whether Prometheus is up and has scraped the live observer this many times."""
+        try:
+            return query(f'count_over_time(up{{instance="127.0.0.1:{observer.port}"}}[1m]) >= {times}',
+                         time.time() - 5, time.time())
+        except OSError:   # not listening yet
+            return False
+
     try:
-        time.sleep(5)    # scraped a few times before the leak, so its counter is seen to rise
+        # scraped a few times before the leak, so its counter is seen to rise (Prometheus may
+        # take seconds to start on a busy machine: it once first scraped after the leak)
+        deadline = time.monotonic() + 60
+        while not scraped(3):
+            assert time.monotonic() < deadline, "Prometheus never scraped the live observer"
+            time.sleep(0.5)
         (host_copy / "sys/devices/system/memory/memory199/state").write_text("offline\n")
         deadline = time.monotonic() + 60
         while not query(f'memhp_anomalies_active{{kind="zone_span_leak",instance="127.0.0.1:{observer.port}"}} > 0',
