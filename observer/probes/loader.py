@@ -14,7 +14,6 @@ import mmap
 import os
 import re
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -91,13 +90,6 @@ def _why(exc):
     return text
 
 
-def _import_bcc():
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        pass   # said by start(), which imports it again
-
-
 def has_ringbuf(names):
     return "bpf_ringbuf_output" in names
 
@@ -124,10 +116,6 @@ class Probes:
         lacking = missing_privilege()
         if lacking:
             raise ProbeError(lacking)
-        # importing bcc loads LLVM (seconds under TCG, mostly in dlopen, which lets the GIL go):
-        # begun now, it loads while BTF and kallsyms are read
-        self._bcc_loading = threading.Thread(target=_import_bcc, name="import bcc", daemon=True)
-        self._bcc_loading.start()
         try:
             btf = Btf.load()
         except BtfError as e:
@@ -186,7 +174,6 @@ class Probes:
         if not self.status:
             self.plan()
         if self.shapes:
-            self._bcc_loading.join()
             try:
                 import bcc  # noqa: F401  (imported here first to say plainly when it is missing)
             except ImportError:
