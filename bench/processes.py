@@ -51,6 +51,16 @@ class Server:
                 self.proc.wait()
         self.log.close()
 
+    def settled(self, still=0.5, timeout=60.0):
+        """Once the process has used no CPU for `still` seconds (what it does after it began
+        serving, a second read of the views, is not what is measured), or `timeout` passed."""
+        began, last, since = time.monotonic(), self.cpu_seconds(), time.monotonic()
+        while time.monotonic() - since < still and time.monotonic() - began < timeout:
+            time.sleep(0.1)
+            now = self.cpu_seconds()
+            if now != last:
+                last, since = now, time.monotonic()
+
     def cpu_seconds(self):
         """User and system CPU time the process has used so far."""
         with open(f"/proc/{self.proc.pid}/stat") as f:
