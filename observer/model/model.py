@@ -23,7 +23,7 @@ import errno
 from ..formats import RecordError, snapshot_from_record
 from .anomaly import INFO, Anomaly
 from .invariants import DEVICE_ZONE, judge_views
-from .ranges import RangeMap, RangeSet, pfns_of
+from .ranges import BlockMap, RangeSet, pfns_of
 
 SETTLE_NS = 1_000_000_000   # procfs mode: uevents quiet this long before a read that is judged
 HOLD_NS = 2_000_000_000     # a snapshot record without calls_before (older traces) is judged once
@@ -106,7 +106,7 @@ class Model:
         self.in_flight = {}        # seq -> (entry ts, function, tid) of calls begun, not returned
         self.uevent_times = []     # ts of memory-block uevents not older than a judged read
         self.sure = False          # every call since the last rebase was seen (none lost)
-        self.expected = None       # RangeMap: block index -> (state, zone) the events say, or None
+        self.expected = None       # BlockMap: block index -> (state, zone) the events say, or None
         self.present = RangeSet()  # pfns with sections present (blocks and adds seen)
         self.gone = RangeSet()     # pfns whose sections a remove took, not added again since
         self.claimed = RangeSet()  # pfns some iomem resource claims (a pagemap may be there)
@@ -435,7 +435,8 @@ class Model:
 
     def _event(self, e):
         ts = e["ts_ns"]
-        self.in_flight.pop(e["seq"], None)
+        if self.in_flight:
+            self.in_flight.pop(e["seq"], None)
         self.calls.append((ts, ts + (e.get("duration_ns") or 0)))
         # rules about one call are judged on it alone; `judge`: the rules that also need the
         # model's state (what is present), known only from the first read on, and not after a loss
@@ -742,8 +743,8 @@ def _indexes(snap):
 
 
 def _states(snap):
-    """The RangeMap of a snapshot's memory blocks: index -> (state, zone)."""
-    return RangeMap.of_sorted((r.first, r.last + 1, (r.state, r.zone)) for r in snap.blocks.runs)
+    """The BlockMap of a snapshot's memory blocks: index -> (state, zone)."""
+    return BlockMap.of_sorted((r.first, r.last + 1, (r.state, r.zone)) for r in snap.blocks.runs)
 
 
 def _content(rec):
