@@ -93,6 +93,28 @@ def in_turns(rounds, batch, pid):
     return out
 
 
+def restarted_turns(rounds, batch, spec):
+    """Cycles with the observer running and not, in turns as in_turns has them, for probes
+    that cannot be disarmed (fentry): on, the process started (spec: what ready takes) and
+    then idle; off, that process ended, and its programs with it. {"on": [seconds], "off":
+    [seconds]}."""
+    block = movable_block()
+    cycle(block)
+    out = {"on": [], "off": []}
+    for r in range(rounds):
+        for on in (True, False) if r % 2 == 0 else (False, True):
+            if on:
+                pid = ready(spec["argv"], spec["log"], spec.get("port"))["pid"]
+                _quiet(pid)
+            else:
+                time.sleep(0.5)   # idle as long as an on turn's start is at least
+            out["on" if on else "off"] += [cycle(block) for _ in range(batch)]
+            if on:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+    return out
+
+
 def _quiet(pid, still=0.5, timeout=10.0):
     """Until the process has used no CPU for `still` seconds (or `timeout` passed)."""
     def ticks():
@@ -206,6 +228,8 @@ def main():
         out = cycles(int(args[0]))
     elif verb == "in_turns":
         out = in_turns(int(args[0]), int(args[1]), int(args[2]))
+    elif verb == "restarted_turns":
+        out = restarted_turns(int(args[0]), int(args[1]), json.loads(args[2]))
     elif verb == "latency":
         out = latency(int(args[0]), int(args[1]), args[2], args[3])
     elif verb == "ready":

@@ -8,10 +8,11 @@ cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon runnin
 (every kprobe disarmed through debugfs, the daemon stopped), 10 rounds, since under TCG a
 guest's cycle drifts by tens of percent within minutes; each turn begins once the daemon has
 been idle half a second (in an on turn it has then taken what came while it was stopped), so
-both kinds begin from a guest as idle: the first cycles after idling take longer. A fentry
-`record` (fentry cannot be disarmed so): against cycles with no observer before and after. The overhead is the median
-cycle's against the median without. Latency: after
-each offline or online returns, until the daemon's /metrics counts the call; and with onlining
+both kinds begin from a guest as idle: the first cycles after idling take longer. The
+daemon through fentry (which cannot be disarmed) in turns too, 4 rounds: on, the daemon
+started until READY, then idle half a second; off, the daemon ended (its programs detached
+with it), the guest idle half a second. The overhead is the median cycle's against the median
+without. Latency: after each offline or online returns, until the daemon's /metrics counts the call; and with onlining
 made to fail (memory notifier error injection), until its anomaly journal holds the failure.
 Under TCG every guest instruction is emulated: times are those of the emulated machine, and
 the ratios are what compare. Budgets (DESIGN.md §7): start-up no slower than bpftrace, idle
@@ -44,8 +45,9 @@ MAX_IDLE_PERCENT = 0.5
 
 def rows(quick, work, progress):
     # a cycle takes a few ms: many make the median steady; each latency sample waits on /metrics
-    n, cycles, idle_seconds = (3, 3, 5) if quick else (30, 200, 60)
+    n, idle_seconds = (3, 5) if quick else (30, 60)
     rounds, batch = (2, 3) if quick else (10, 20)
+    fentry_rounds = 1 if quick else 4   # each on turn starts the daemon: half a minute
     results = os.path.join(work, "lab")
     os.makedirs(results)
     with Guest(results, release=KERNEL, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
@@ -60,8 +62,6 @@ def rows(quick, work, progress):
                      f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.2; done", timeout=120)
 
         guest.sh(INJECT)    # and debugfs, where the kernel lists its kprobes
-        progress(f"lab: {cycles} offline/online cycles with no observer")
-        bare = run("cycles", cycles)["seconds"]
         progress("lab: bpftrace attaching the four core kprobes")
         bpftrace = run("ready", json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e", BPFTRACE],
                                             "log": f"{results}/bpftrace.log",
@@ -79,16 +79,12 @@ def rows(quick, work, progress):
         progress(f"lab: {rounds} rounds of {batch} cycles with the daemon's kprobes on, then off")
         turns = run("in_turns", rounds, batch, daemon["pid"])
         stop(daemon["pid"])
-        progress("lab: `record` through fentry, until it records")
-        recorder = run("ready", json.dumps({"argv": [EXE, "record", "--probe-method", "kfunc",
-                                                     "-o", f"{results}/kfunc.jsonl"],
-                                            "log": f"{results}/record.log",
-                                            "says": "recording to"}))
-        progress(f"lab: {cycles} cycles with fentry")
-        fentry = run("cycles", cycles)["seconds"]
-        stop(recorder["pid"], "INT")
-        progress(f"lab: {cycles} cycles with no observer, again")
-        bare += run("cycles", cycles)["seconds"]
+        progress(f"lab: {fentry_rounds} rounds of {batch} cycles with the daemon through fentry, "
+                 f"started and stopped in turns")
+        fentry = run("restarted_turns", fentry_rounds, batch,
+                     json.dumps({"argv": [EXE, "run", "--mode", "bpf", "--probe-method", "kfunc",
+                                          "--listen", f"127.0.0.1:{PORT}"],
+                                 "log": f"{results}/daemon-fentry.log", "port": PORT}))
     where = f"Debian {KERNEL} guest (TCG)"
     out = [{"benchmark": "start-up to READY, BPF mode (kprobes)", "where": where,
             "measured": f"{daemon['seconds']:.1f} s",
@@ -102,7 +98,8 @@ def rows(quick, work, progress):
     for name, seconds, without, said in (
             ("kprobes (the daemon), on and off in turns", turns["on"], turns["off"],
              "kprobes disarmed, daemon stopped"),
-            ("fentry (`record`)", fentry, bare, "no observer, before and after")):
+            ("fentry (the daemon), started and stopped in turns", fentry["on"], fentry["off"],
+             "daemon ended, its programs detached")):
         base, median = statistics.median(without), statistics.median(seconds)
         extra = 100 * (median / base - 1)
         out.append({"benchmark": f"probe overhead, {name}, median of {len(seconds)} cycles",

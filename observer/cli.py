@@ -118,7 +118,8 @@ def cmd_run(args):
         return 2
     return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
                       record=args.record, journal=args.journal,
-                      record_max_bytes=args.record_max_bytes, strict=args.strict)
+                      record_max_bytes=args.record_max_bytes, strict=args.strict,
+                      probe_method=args.probe_method)
 
 
 def cmd_lab(args):
@@ -336,6 +337,8 @@ def build_parser():
                         "boot says no open anomaly twice; SIGHUP reopens it")
     r.add_argument("--strict", action="store_true",
                    help="exit 1 unless every core probe attaches (no procfs mode)")
+    r.add_argument("--probe-method", choices=["auto", "kprobe", "kfunc"], default="auto",
+                   help="auto: kprobes where the kernel has them, else fentry (kfunc)")
     r.add_argument("--root", default="/", help="read the views under this directory (default /)")
     r.set_defaults(func=cmd_run)
 

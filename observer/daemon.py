@@ -67,10 +67,11 @@ def _result(event):
 
 class Daemon:
     def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None,
-                 record_max_bytes=None, strict=False):
+                 record_max_bytes=None, strict=False, probe_method="auto"):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
+        self.probe_method = probe_method   # auto, kprobe or kfunc, as asked
         self.strict = strict       # no start unless every core probe attaches
         self.record = record       # a trace file of everything the model was fed, or None
         self.record_max_bytes = record_max_bytes or RECORD_MAX_BYTES
@@ -116,7 +117,7 @@ class Daemon:
                 raise ProbeError(f"{required}: {lacking}")
             self._say_mode(f"BPF off: {lacking}: procfs mode")
             return None, {}
-        if not has_kprobes():
+        if self.probe_method == "auto" and not has_kprobes():
             loaded, why = try_fentry(timeout=60)
             if not loaded:
                 reason = f"no kprobes in this kernel; fentry {why}"
@@ -124,7 +125,8 @@ class Daemon:
                     raise ProbeError(f"{required}: {reason}")
                 self._say_mode(f"BPF off: {reason}: procfs mode")
                 return None, {}
-        probes, status = attach(self.mode, self.strict)   # says itself why, when nothing attaches
+        # says itself why, when nothing attaches
+        probes, status = attach(self.mode, self.strict, self.probe_method)
         if probes is None:
             self.mode_said = "procfs mode: no probe attached"
             return None, {}
@@ -376,11 +378,11 @@ class Daemon:
 
 
 def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None,
-        record_max_bytes=None, strict=False):
+        record_max_bytes=None, strict=False, probe_method="auto"):
     """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
     cannot attach, --strict misses a core probe, or the --record or --journal file cannot be
     made."""
-    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes, strict)
+    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes, strict, probe_method)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     signal.signal(signal.SIGHUP, lambda *_: daemon.reopen.set())

@@ -158,6 +158,18 @@ def test_bpf_mode_that_cannot_attach_is_one_line_and_exit_1():
     assert "Traceback" not in out.stderr
 
 
+def test_run_asked_for_fentry_where_the_kernel_refuses_it_is_one_line_and_exit_1():
+    from observer.probes.availability import try_fentry
+    if try_fentry(timeout=120)[0]:
+        pytest.skip("this kernel loads fentry programs: the lab's benchmark runs the daemon so")
+    out = subprocess.run([EXE, "run", "--mode", "bpf", "--probe-method", "kfunc", "--listen",
+                          f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=300)
+    said = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert said[-1].startswith("memhp-observer: --mode bpf: no probe attached: ") and \
+        "fentry: the kernel refuses fentry programs (EPERM)" in said[-1], said
+
+
 def test_promtool_is_clean_on_the_exposition(observer):
     o = observer()
     check = subprocess.run(["promtool", "check", "metrics"], input=o.text, capture_output=True,
