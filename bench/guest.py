@@ -1,6 +1,5 @@
 """The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
-through the lab agent): hotplug cycles timed (alone, or in turns with the daemon's probes on
-and off), the daemon's /metrics and journal watched for what a cycle makes, processes started
+through the lab agent): hotplug cycles timed in turns with the daemon's probes on and off, the daemon's /metrics and journal watched for what a cycle makes, processes started
 and timed until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
 writer of hotplug sysfs files here."""
 
@@ -49,17 +48,20 @@ def _write(path, word, tries=20):
 
 
 def cycle(block):
-    """Seconds of one offline and online of the block (the two writes)."""
-    t = time.monotonic()
+    """(seconds, CPU seconds of this thread) of one offline and online of the block (the two
+    writes). The probes run in the thread that calls: their cost is in its CPU time, while the
+    wall time also takes what the other CPU does meanwhile (an offline waits on every CPU)."""
+    t, cpu = time.monotonic(), time.thread_time()
     _write(f"{MEM}/memory{block}/state", "offline")
     _write(f"{MEM}/memory{block}/state", "online_movable")
-    return time.monotonic() - t
+    return time.monotonic() - t, time.thread_time() - cpu
 
 
-def cycles(n):
-    block = movable_block()
-    cycle(block)    # the first one warms the page cache and the allocator up
-    return {"block": block, "seconds": [cycle(block) for _ in range(n)]}
+def _turn_of_cycles(block, n):
+    """n cycles timed after one that is not: arming, disarming, attaching or detaching probes
+    rewrites kernel text, which QEMU then translates anew."""
+    cycle(block)
+    return [cycle(block) for _ in range(n)]
 
 
 def in_turns(rounds, batch, pid):
@@ -69,10 +71,9 @@ def in_turns(rounds, batch, pid):
     own switch) and the daemon stopped (SIGSTOP); on: armed and running. Each turn begins once
     the daemon has been idle for a while: in an on turn it has then taken what came while it
     was stopped (the uevents of the turn before, no work of these cycles'), and both kinds
-    begin from a guest as idle (the first cycles after idling are slower). {"on": [seconds],
-    "off": [seconds]}."""
+    begin from a guest as idle (the first cycles after idling are slower). {"on": [cycle()],
+    "off": [cycle()]}."""
     block = movable_block()
-    cycle(block)
     out = {"on": [], "off": []}
 
     def turn(on):
@@ -87,7 +88,7 @@ def in_turns(rounds, batch, pid):
         for r in range(rounds):
             for on in (True, False) if r % 2 == 0 else (False, True):
                 turn(on)
-                out["on" if on else "off"] += [cycle(block) for _ in range(batch)]
+                out["on" if on else "off"] += _turn_of_cycles(block, batch)
     finally:
         turn(True)
     return out
@@ -96,10 +97,9 @@ def in_turns(rounds, batch, pid):
 def restarted_turns(rounds, batch, spec):
     """Cycles with the observer running and not, in turns as in_turns has them, for probes
     that cannot be disarmed (fentry): on, the process started (spec: what ready takes) and
-    then idle; off, that process ended, and its programs with it. {"on": [seconds], "off":
-    [seconds]}."""
+    then idle; off, that process ended, and its programs with it. {"on": [cycle()], "off":
+    [cycle()]}."""
     block = movable_block()
-    cycle(block)
     out = {"on": [], "off": []}
     for r in range(rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
@@ -108,7 +108,7 @@ def restarted_turns(rounds, batch, spec):
                 _quiet(pid)
             else:
                 time.sleep(0.5)   # idle as long as an on turn's start is at least
-            out["on" if on else "off"] += [cycle(block) for _ in range(batch)]
+            out["on" if on else "off"] += _turn_of_cycles(block, batch)
             if on:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
@@ -224,9 +224,7 @@ def main():
     except NotALabGuest as e:
         sys.exit(f"bench.guest: {e}")
     verb, args = sys.argv[2], sys.argv[3:]
-    if verb == "cycles":
-        out = cycles(int(args[0]))
-    elif verb == "in_turns":
+    if verb == "in_turns":
         out = in_turns(int(args[0]), int(args[1]), int(args[2]))
     elif verb == "restarted_turns":
         out = restarted_turns(int(args[0]), int(args[1]), json.loads(args[2]))

@@ -127,10 +127,12 @@ def read_trace_lines(path):
                 if not line.strip():
                     continue
                 raise TraceError(path, lineno, f"not JSON ({e.msg})") from None
-            kind = rec.get("type") if type(rec) is dict else None
-            required = _REQUIRED_KEYS.get(kind) if type(kind) is str else None
-            if required is None:
-                raise TraceError(path, lineno, f"unknown record type {kind if type(rec) is dict else rec!r}")
+            try:
+                kind = rec["type"]
+                required = _REQUIRED_KEYS[kind]
+            except (KeyError, TypeError, IndexError):   # not an object, or no known type
+                raise TraceError(path, lineno, "unknown record type "
+                                 f"{rec.get('type') if type(rec) is dict else rec!r}") from None
             if lineno == 1 and kind != "header":
                 raise TraceError(path, lineno, "the first line must be the header")
             if kind == "header" and (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
