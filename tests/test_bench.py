@@ -21,14 +21,16 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
     assert {(r[0].lstrip("| "), r[1]) for r in rows} == {
-        *((f"{kind} (median of 3)", where) for kind in reconcile.KINDS.values()
-          for where in ("this host", "1,000 blocks")),
+        *((f"{said} (median of {3 * reconcile.SCRAPES if kind == 'scrape' else 3})", where)
+          for kind, said in reconcile.KINDS.items() for where in ("this host", "1,000 blocks")),
         ("replay throughput", "2,000 events, 1,000 blocks"),
         ("idle daemon CPU, procfs mode, 10 s reconcile", "this host"),
         *((name, "Debian 6.12 guest (TCG)") for name in (
             "start-up to READY, BPF mode (kprobes)", "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
-            "probe overhead, kprobes (the daemon), on and off in turns, median of 6 cycles",
-            "probe overhead, fentry (`record`), median of 3 cycles",
+            *(f"probe overhead, {method}, {which}, median of {n} cycles"
+              for method, n in (("kprobes (the daemon), on and off in turns", 6),
+                                ("fentry (the daemon), started and stopped in turns", 3))
+              for which in ("wall time", "CPU time of the cycling thread")),
             "latency, kernel call to metric, 6 calls",
             "latency, kernel call to anomaly journalled, 3 calls"))}
     assert all(re.fullmatch(r"[\d.]+×|—", r[4]) and r[6].rstrip(" |") in bench.WITHIN.values()
