@@ -1,6 +1,7 @@
 """The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
-through the lab agent): hotplug cycles timed in turns with the daemon's probes on and off, the daemon's /metrics and journal watched for what a cycle makes, processes started
-and timed until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
+through the lab agent): hotplug cycles timed in turns with the daemon's probes on and off,
+the daemon's /metrics and journal watched for what a cycle makes, processes started and timed
+until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
 writer of hotplug sysfs files here."""
 
 import json
@@ -13,6 +14,8 @@ import time
 import urllib.request
 
 from observer.lab.marker import NotALabGuest, require_lab_guest
+
+from .processes import cpu_seconds, until_idle
 
 MEM = "/sys/devices/system/memory"
 KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"   # 0 disarms every kprobe, 1 arms them
@@ -83,7 +86,7 @@ def in_turns(rounds, batch, pid):
         else:
             os.kill(pid, signal.SIGSTOP)
             _write(KPROBES_ENABLED, "0")
-        _quiet(pid)   # both turns begin from a guest left idle alike
+        until_idle(pid, timeout=10.0)   # both turns begin from a guest left idle alike
     try:
         for r in range(rounds):
             for on in (True, False) if r % 2 == 0 else (False, True):
@@ -105,7 +108,7 @@ def restarted_turns(rounds, batch, spec):
         for on in (True, False) if r % 2 == 0 else (False, True):
             if on:
                 pid = ready(spec["argv"], spec["log"], spec.get("port"))["pid"]
-                _quiet(pid)
+                until_idle(pid, timeout=10.0)
             else:
                 time.sleep(0.5)   # idle as long as an on turn's start is at least
             out["on" if on else "off"] += _turn_of_cycles(block, batch)
@@ -113,20 +116,6 @@ def restarted_turns(rounds, batch, spec):
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
     return out
-
-
-def _quiet(pid, still=0.5, timeout=10.0):
-    """Until the process has used no CPU for `still` seconds (or `timeout` passed)."""
-    def ticks():
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])    # utime + stime
-    began, last, since = time.monotonic(), ticks(), time.monotonic()
-    while time.monotonic() - since < still and time.monotonic() - began < timeout:
-        time.sleep(0.1)
-        now = ticks()
-        if now != last:
-            last, since = now, time.monotonic()
 
 
 def _events(port, function):
@@ -208,12 +197,9 @@ def ready(argv, log, port=None, says=None, timeout=300):
 
 def idle(pid, seconds):
     """The process's CPU time over `seconds` as a share of one core, and its RSS."""
-    def cpu():
-        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    began, t = cpu(), time.monotonic()
+    began, t = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
-    percent = 100 * (cpu() - began) / (time.monotonic() - t)
+    percent = 100 * (cpu_seconds(pid) - began) / (time.monotonic() - t)
     rss = int(re.search(r"VmRSS:\s+(\d+) kB", _read(f"/proc/{pid}/status")).group(1)) << 10
     return {"percent": percent, "rss_bytes": rss}
 

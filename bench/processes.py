@@ -18,6 +18,23 @@ def free_port():
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid):
+    """User and system CPU time the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND   # utime, stime
+
+
+def until_idle(pid, still=0.5, timeout=60.0):
+    """Until the process has used no CPU for `still` seconds, or `timeout` passed."""
+    began, last, since = time.monotonic(), cpu_seconds(pid), time.monotonic()
+    while time.monotonic() - since < still and time.monotonic() - began < timeout:
+        time.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+
+
 class Server:
     """A process serving /metrics on 127.0.0.1:port, for the length of a with block."""
 
@@ -51,21 +68,8 @@ class Server:
                 self.proc.wait()
         self.log.close()
 
-    def settled(self, still=0.5, timeout=60.0):
-        """Once the process has used no CPU for `still` seconds (what it does after it began
-        serving, a second read of the views, is not what is measured), or `timeout` passed."""
-        began, last, since = time.monotonic(), self.cpu_seconds(), time.monotonic()
-        while time.monotonic() - since < still and time.monotonic() - began < timeout:
-            time.sleep(0.1)
-            now = self.cpu_seconds()
-            if now != last:
-                last, since = now, time.monotonic()
-
     def cpu_seconds(self):
-        """User and system CPU time the process has used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND   # utime, stime
+        return cpu_seconds(self.proc.pid)
 
     def rss_bytes(self):
         with open(f"/proc/{self.proc.pid}/status") as f:

@@ -7,8 +7,8 @@ one), and a read of every block. One scrape is a GET of the daemon's /metrics. T
 is a GET of /metrics from Debian's prometheus-node-exporter with only its zoneinfo collector,
 reading the same tree. All are taken in turn (five scrapes of each server a round), round
 after round, once both servers are idle (the daemon reads the views a second time after it
-begins serving), in one run: on this host's own views, and on the host capture grown to 10^3..10^5 memory blocks (bench/trees.py). Budget
-(DESIGN.md §7): a reconcile (no uevent, or one) and a scrape each ≤ 1.0× the reference, at every
+begins serving), in one run: on this host's own views, and on the host capture grown to
+10^3..10^5 memory blocks (bench/trees.py). Budget (DESIGN.md §7): a reconcile (no uevent, or one) and a scrape each ≤ 1.0× the reference, at every
 size; the read of every block is reported beside them."""
 
 import os
@@ -21,7 +21,7 @@ from observer.model.model import Model
 from observer.sources.live import LiveSource
 from observer.uevents import HandedUevents
 
-from .processes import EXE, Server, free_port
+from .processes import EXE, Server, free_port, until_idle
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 BUDGET = 1.0   # × the reference
@@ -55,8 +55,10 @@ def measure(root, rounds, progress):
                  "--collector.disable-defaults", "--collector.zoneinfo", *paths], ne_port) as ne, \
             Server([EXE, "run", "--mode", "procfs", "--root", root, "--reconcile-interval", "86400",
                     "--listen", f"127.0.0.1:{our_port}"], our_port) as ours:
-        ours.settled()
-        ne.settled()
+        # what the daemon does after it began serving, a second read of the views, is not
+        # what is measured
+        until_idle(ours.proc.pid)
+        until_idle(ne.proc.pid)
         times = {name: [] for name in list(KINDS) + ["node_exporter"]}
         judged = model.snapshots["judged"]
         for i in range(rounds):

@@ -2,6 +2,7 @@
 the function's shape says it carries, its return value, and the origin derived from the kernel
 stack at entry."""
 
+import functools
 import re
 
 from .program import MAX_RANGES
@@ -27,22 +28,13 @@ ORIGINS = (
 _MODULE = re.compile(r"\[(\w+)\]$")
 
 
-_STACK_FACTS = {}   # (function, frames) -> (own, caller, origin); bounded below
-_STACK_FACTS_MAX = 4096
-
-
+@functools.lru_cache(maxsize=4096)
 def _stack_facts(function, frames):
-    """(where the stack starts, the caller, the origin) of a symbolized entry stack. The same
-    few call paths come again and again (a test cycling a block: one path each way), and the
-    regexes over every frame were most of an event's decoding."""
-    key = (function, tuple(frames))
-    facts = _STACK_FACTS.get(key)
-    if facts is None:
-        if len(_STACK_FACTS) >= _STACK_FACTS_MAX:
-            _STACK_FACTS.clear()
-        own, caller = _own_frame(function, frames)
-        facts = _STACK_FACTS[key] = (own, caller, origin(frames[own:]))
-    return facts
+    """(where the stack starts, the caller, the origin) of a symbolized entry stack (a tuple).
+    The same few call paths come again and again (a test cycling a block: one path each way),
+    and the regexes over every frame were most of an event's decoding."""
+    own, caller = _own_frame(function, frames)
+    return own, caller, origin(frames[own:])
 
 
 def origin(frames):
@@ -100,7 +92,7 @@ def decode(ev, shape, layouts, page_size, frames):
         return {"type": "left_out", "seq": ev.seq}
     roles = {r for _, r in shape.roles}
     raw = list(ev.stack[:max(0, ev.stack_bytes) // 8])
-    own, caller, said = _stack_facts(shape.function, frames)
+    own, caller, said = _stack_facts(shape.function, tuple(frames))
     frames, raw = frames[own:], raw[own:]
     out = {"type": "event", "seq": ev.seq, "ts_ns": ev.ts_ns, "fn": shape.function,
            "duration_ns": ev.duration_ns, "ret": _ret(shape, ev.ret), "pid": ev.pid,
