@@ -280,6 +280,24 @@ def test_boot_that_hangs_is_stopped_with_its_console(tmp_path):
     assert qemu_of(results) == []
 
 
+def test_boot_whose_console_stops_is_booted_again_then_given_up(tmp_path):
+    # QEMU's -S holds the vCPUs before their first instruction: a console that stops growing, as
+    # a 6.1 boot's did under TCG when it hung after switching to the HPET
+    results = str(tmp_path)
+    said = []
+    with pytest.raises(LabError, match=r"boot stalled 2 times \(console silent for 5 s\); "
+                                       r"consoles: .*console.log.stalled-1, .*console.log.stalled-2"):
+        with Guest(results, qemu_opts=["-S"], stall_seconds=5, progress=said.append):
+            pass
+    assert [re.sub(r"after '.*' \(", "after ... (", s) for s in said if "booting again" in s] == [
+        f"boot stalled: console silent for 5 s after ... (kept as {results}/console.log.stalled-1); "
+        "booting again"]
+    for attempt in (1, 2):  # each guest was running when it was killed
+        with open(os.path.join(results, f"console.log.stalled-{attempt}"), errors="replace") as f:
+            assert "qemu-system-x86_64: terminating on signal 15" in f.read()
+    assert qemu_of(results) == []
+
+
 def test_sigterm_to_the_runner_stops_the_guest(tmp_path):
     results = str(tmp_path)
     runner = subprocess.Popen([EXE, "lab", "--scenario", "kmem", "--results", results],

@@ -22,6 +22,12 @@ from .qmp import QMP
 BOOT_MEMORY = "4G"
 MAX_MEMORY = "8G"       # room for what scenarios hot-add (pc-dimm, virtio-mem)
 PROGRESS_SECONDS = 20   # a long guest command says it is still running this often
+# A boot whose console is silent this long before the agent is ready has hung: healthy boots
+# are ready in 16-26 s and their longest silence, the agent's start, is about 15 s. Under TCG a
+# kernel rarely hangs early in its boot (seen once, in CI on 2026-12-06: 6.1 stopped
+# printing right after "Switched to clocksource hpet"); such a guest is killed and booted again.
+STALL_SECONDS = 90
+BOOT_ATTEMPTS = 2
 PMEM = "memmap=512M!4G"  # legacy pmem inside the RAM QEMU puts above 4 GiB (nd_e820)
 # The guest keeps the HPET as its clock: from 6.12 the kernel switches to the TSC about 3 s into
 # the boot, and 7.2 then patches the TSC read into the timer interrupt's path while the other
@@ -36,19 +42,29 @@ TOP = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 CHECKOUT_IN_GUEST = "/opt/memhp-observer"
 
 
+class _Stalled(Exception):
+    """The boot's console stopped growing before the agent was ready; the message is its tail."""
+
+    @property
+    def last_line(self):
+        lines = str(self).strip().splitlines()
+        return lines[-1] if lines else ""
+
+
 def _say(msg):
     print(f"lab: {msg}", file=sys.stderr, flush=True)
 
 
 class Guest:
     def __init__(self, results, release=None, append=(), qemu_opts=(), boot_timeout=300,
-                 guest_timeout=2400, systemd_root=None, progress=_say):
+                 stall_seconds=STALL_SECONDS, guest_timeout=2400, systemd_root=None, progress=_say):
         self.results = os.path.abspath(results)
         self.release, self.vmlinuz = kernels.find_kernel(release)
         self.vng = kernels.vng_path()
         self.append = list(append)
         self.qemu_opts = list(qemu_opts)
         self.boot_timeout = boot_timeout
+        self.stall_seconds = stall_seconds
         self.guest_timeout = guest_timeout
         self.say = progress
         self.systemd_root = systemd_root
@@ -88,6 +104,22 @@ class Guest:
         self.lock.flush()
 
     def boot(self):
+        kept = []
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            try:
+                return self._boot_once()
+            except _Stalled as stalled:
+                self._kill()
+                kept.append(f"{self.console}.stalled-{attempt}")
+                os.replace(self.console, kept[-1])
+                if attempt == BOOT_ATTEMPTS:
+                    raise LabError(f"boot stalled {attempt} times (console silent for "
+                                   f"{self.stall_seconds} s); consoles: {', '.join(kept)}; the last "
+                                   f"ends:\n{stalled}") from None
+                self.say(f"boot stalled: console silent for {self.stall_seconds} s after "
+                         f"{stalled.last_line!r} (kept as {kept[-1]}); booting again")
+
+    def _boot_once(self):
         # request numbers restart at 1 with every boot: answers left by an earlier guest would
         # be taken for this one's
         shutil.rmtree(os.path.join(self.results, "cmd"), ignore_errors=True)
@@ -123,10 +155,18 @@ class Guest:
                                          stderr=subprocess.STDOUT, env=env, cwd=self.results,
                                          start_new_session=True)
         ready = os.path.join(self.results, "ready")
+        printed, printed_at = 0, began
         while not os.path.exists(ready):
             self._alive_or_raise("during boot")
-            if time.monotonic() - began > self.boot_timeout:
-                raise LabError(f"guest not ready after {self.boot_timeout} s; console: {self.console}")
+            now = time.monotonic()
+            if now - began > self.boot_timeout:
+                raise LabError(f"guest not ready after {self.boot_timeout} s; console: "
+                               f"{self.console} ends:\n{self._console_tail()}")
+            size = os.path.getsize(self.console)
+            if size != printed:
+                printed, printed_at = size, now
+            elif now - printed_at > self.stall_seconds:
+                raise _Stalled(self._console_tail())
             time.sleep(0.2)
         with open(ready) as f:
             booted = json.load(f)["kernel"]
@@ -166,14 +206,17 @@ class Guest:
 
     def _alive_or_raise(self, when):
         if self.proc.poll() is not None:
-            tail = ""
-            try:
-                with open(self.console, errors="replace") as f:
-                    tail = "".join(f.readlines()[-15:])
-            except OSError:
-                pass
             raise LabError(f"guest exited (rc {self.proc.returncode}) {when}; console "
-                           f"{self.console} ends:\n{tail}")
+                           f"{self.console} ends:\n{self._console_tail()}")
+
+    def _console_tail(self, lines=15):
+        # QEMU opens the console file again (truncating it) while vng's first lines are written:
+        # the hole they leave reads as NULs
+        try:
+            with open(self.console, errors="replace") as f:
+                return "\n".join(f.read().replace("\0", "").splitlines()[-lines:])
+        except OSError:
+            return ""
 
     # -- talking to the guest ---------------------------------------------------------------
     def _request(self, req, timeout):
