@@ -31,8 +31,11 @@ HOLD_NS = 2_000_000_000     # a snapshot record without calls_before (older trac
 SUBSECTION_BYTES = 2 << 20  # ZONE_DEVICE adds go by subsection (kernel-reference.md §2)
 
 
+OK_RETS = (0, "ok", None)   # what a call that succeeded returns, as a trace says it
+
+
 def _ok(event):
-    return event["ret"] in (0, "ok", None)
+    return event["ret"] in OK_RETS
 
 
 def _errno(ret):
@@ -446,7 +449,7 @@ class Model:
         if handler is None:
             handler = self._handlers[fn] = getattr(self, "_on_" + fn.lstrip("_"), _no_handler)
         out = handler(e, judge)
-        if not _ok(e) and fn in FAILURES_REPORTED:
+        if e["ret"] not in OK_RETS and fn in FAILURES_REPORTED:
             out.append(self._failed(e))
         return out
 
@@ -573,23 +576,25 @@ class Model:
     def _calls_done_before(self, e):
         self.pagemap_calls = [c for c in self.pagemap_calls if c[0] >= e["ts_ns"]]
 
+    # online_pages and offline_pages are most of a trace's events: their handlers call little
     def _on_online_pages(self, e, judge):
-        if not _ok(e):
+        if e["ret"] not in OK_RETS:
             return []
         lo, hi = _pfns(e)
-        blocks = self._blocks_of(lo, hi)
+        per_block = self.per_block
+        first, end_block = lo // per_block, (hi - 1) // per_block + 1
         # before 5.12 online_pages takes no zone (it picks one itself): its event says neither
         # zone nor span, and only the views judge them
         zone = e.get("zone")
         online = self.was_online.get((e.get("nid"), zone))
         if online is None:
             online = self.was_online[(e.get("nid"), zone)] = RangeSet()
-        online.add(*blocks)
+        online.add(first, end_block)
         if self.expected is not None:
-            self.expected.assign(*blocks, ("online", zone))
+            self.expected.assign(first, end_block, ("online", zone))
         if zone is None:
             return []
-        out = self._present_moved(e, e["nr_pages"])
+        out = self._present_moved(e, hi - lo)
         start, end = _span(e["span_after"])
         if not (start <= lo and hi <= end):
             out.append(self._span_anomaly(e, lo, hi, f"zone {e['zone']} spans "
@@ -598,21 +603,23 @@ class Model:
         return out
 
     def _on_offline_pages(self, e, judge):
-        if not _ok(e):
+        if e["ret"] not in OK_RETS:
             return []
         lo, hi = _pfns(e)
         if self.expected is not None:
-            self.expected.assign(*self._blocks_of(lo, hi), ("offline", None))
-        if e.get("zone") is None:   # offline_pages takes no zone before 5.17 either
+            per_block = self.per_block
+            self.expected.assign(lo // per_block, (hi - 1) // per_block + 1, ("offline", None))
+        zone = e.get("zone")
+        if zone is None:   # offline_pages takes no zone before 5.17 either
             return []
-        out = self._present_moved(e, -e["nr_pages"])
-        if not self.shrinks_at_offline or e["zone"] == DEVICE_ZONE:
+        out = self._present_moved(e, lo - hi)
+        if not self.shrinks_at_offline or zone == DEVICE_ZONE:
             return out
         # shrink_zone_span (kernel-reference.md §5.1): offlining at an edge moves that edge past
         # the offlined range; in the middle the span stays
-        was, now = _span(e["span_before"]), _span(e["span_after"])
         if e["span_after"]["spanned"] == 0:
             return out
+        was, now = _span(e["span_before"]), _span(e["span_after"])
         if was[0] == lo and now[0] < hi:
             out.append(self._span_anomaly(e, now[0], min(hi, now[1]),
                                           f"offlining pfn {lo:#x}-{hi:#x} at the start of zone "
@@ -634,7 +641,8 @@ class Model:
                        start_pfn=lo, end_pfn=hi, message=message,
                        evidence=[_say(e), f"span before {e['span_before']}, after {e['span_after']}"])
 
-    def _present_moved(self, e, pages):
+    @staticmethod
+    def _present_moved(e, pages):
         moved = e["span_after"]["present"] - e["span_before"]["present"]
         if moved == pages:
             return []
