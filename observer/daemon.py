@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass, field, replace as _replace
 from typing import Optional
 
-from prometheus_client import ProcessCollector
-
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
 from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
-from .metrics import DURATION_BUCKETS, StateCollector, block_counts, serve
+from .metrics import DURATION_BUCKETS, ProcessCollector, StateCollector, block_counts, serve
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
 from .model.ranges import RangeMap
@@ -159,7 +157,7 @@ class Daemon:
         self.current = State(kernel=kernel, mode=self.source.mode,
                              probe_methods={fn: st.method for fn, st in status.items()
                                             if st.attached})
-        collectors = [StateCollector(self), ProcessCollector(registry=None)]
+        collectors = [StateCollector(self), ProcessCollector()]
         threading.Thread(target=self._reconciler, name="reconcile", daemon=True).start()
         self._due.set()
         while not self._done.wait(0.2):

@@ -174,13 +174,13 @@ fi
 # gets a userland of its own suite in the cache (debootstrap minbase, then make and the kernel's
 # headers package, which brings that suite's gcc), and the module is built in a chroot of it.
 # With --systemd-root that userland is made on any machine and also holds what a guest booting
-# it as root needs: systemd (init), procps (the unit reloads with kill), python3 with bcc, prometheus_client, psutil and orjson, and the
+# it as root needs: systemd (init), procps (the unit reloads with kill), python3 with bcc, psutil and orjson, and the
 # headers bcc compiles against; the guest sees this checkout at /opt/memhp-observer.
 autoconf=$kdir/usr/src/linux-headers-$release/include/generated/autoconf.h
 gcc_major=$(( $(sed -n 's/^#define CONFIG_GCC_VERSION \([0-9]*\)$/\1/p' "$autoconf") / 10000 ))
 userland_packages=(make "linux-headers-$release")
 $systemd_root && userland_packages+=(systemd systemd-sysv procps python3 python3-bpfcc
-                                     python3-prometheus-client python3-psutil python3-orjson)
+                                     python3-psutil python3-orjson)
 if [ "${VERSION_CODENAME:-}" = "$suite" ] && ! $systemd_root; then
   host_install make "gcc-$gcc_major"
 else

@@ -37,20 +37,17 @@ def run_cli(argv):
 
 
 def run_daemon(root):
-    from prometheus_client import CollectorRegistry, generate_latest
     from observer.daemon import Daemon, State
-    from observer.metrics import StateCollector
+    from observer.metrics import StateCollector, exposition
     from observer.sources.live import LiveSource
     d = Daemon(root, mode="procfs")
     d.current = State(kernel="campaign", mode="procfs")
     d.source = LiveSource(root)
     d.reconcile()
     d._take(d.source.poll(0))   # the read, and the header made from it, through the model
-    registry = CollectorRegistry()
-    registry.register(StateCollector(d))
     return {"outcome": "exit", "code": 0, "reconcile_errors": d.current.reconcile_errors,
             "anomalies": [a.kind for a in d.current.anomalies],
-            "exposition": generate_latest(registry).decode()}
+            "exposition": exposition([StateCollector(d)]).decode()}
 
 
 def main():

@@ -180,9 +180,11 @@ def test_promtool_is_clean_on_the_exposition(observer):
 
 def test_exposition_reads_as_prometheus_clients_own(host_copy, monkeypatch):
     """The daemon writes the text format itself: prometheus_client's generate_latest, given the
-    same collectors, writes what parses to the same families, samples and values (an anomaly
-    present, and label values that need escaping)."""
+    same families, writes what parses to the same families, samples and values (an anomaly
+    present, and label values that need escaping); its process collector, the same process_*
+    families as the daemon's own."""
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+    from prometheus_client.metrics_core import Metric
     from observer import daemon as daemon_module
     from observer.metrics import StateCollector, exposition
 
@@ -199,8 +201,16 @@ def test_exposition_reads_as_prometheus_clients_own(host_copy, monkeypatch):
         time.sleep(0.1)
     d.stop.set()
     loop.join()
+    class AsPrometheusClients:
+        def collect(self):
+            for family in StateCollector(d).collect():
+                metric = Metric(family.name, family.documentation, family.type)
+                for name, labels, value in family.samples:
+                    metric.add_sample(name, labels, value)
+                yield metric
+
     registry = CollectorRegistry()
-    registry.register(StateCollector(d))
+    registry.register(AsPrometheusClients())
     ProcessCollector(registry=registry)
 
     def families(text):
@@ -217,6 +227,17 @@ def test_exposition_reads_as_prometheus_clients_own(host_copy, monkeypatch):
             break
         time.sleep(0.1)
     assert families(ours) == families(theirs)
+
+    def process_values(text):
+        return {f.name: f.samples[0].value for f in text_string_to_metric_families(text.decode())
+                if f.name.startswith("process_")}
+    mine, client = process_values(ours), process_values(theirs)
+    assert mine["process_max_fds"] == client["process_max_fds"]
+    assert abs(mine["process_start_time_seconds"] - client["process_start_time_seconds"]) < 0.05
+    assert abs(mine["process_cpu_seconds"] - client["process_cpu_seconds"]) < 1
+    assert abs(mine["process_open_fds"] - client["process_open_fds"]) <= 2
+    for memory in ("process_resident_memory_bytes", "process_virtual_memory_bytes"):
+        assert 0.8 < mine[memory] / client[memory] < 1.25
     assert ('kernel="6.18.0-\\"odd\\\\name"' in ours.decode()
             and families(ours)["memhp_anomalies_active"][2].count(
                 ("memhp_anomalies_active", [("kind", "zone_span_leak")], 1.0)) == 1)
