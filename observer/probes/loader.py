@@ -63,12 +63,21 @@ def read_kallsyms(path="/proc/kallsyms", variables=("vmemmap_base",)):
     return names, addresses
 
 
-def _clones(function, names):
-    """The compiler's copies of a function (name.isra.0, name.constprop.0, name.part.0): they may
-    drop or reorder arguments, and a .part is not the entry, so they are never attached."""
-    clone = re.compile(re.escape(function) + r"\.(isra|constprop|part|cold)\.\d+$")
-    prefix = function + "."   # looked at first: a regex on each of kallsyms' names took seconds
-    return sorted(n for n in names if n.startswith(prefix) and clone.match(n))
+CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
+
+
+def _clones(functions, names):
+    """{function: the compiler's copies of it (name.isra.0, name.constprop.0, name.part.0)}, in
+    one pass over kallsyms' names (it took seconds under TCG once per function): they may drop
+    or reorder arguments, and a .part is not the entry, so they are never attached."""
+    found = {}
+    prefixes = tuple(fn + "." for fn in functions)
+    for name in names:
+        if prefixes and name.startswith(prefixes):
+            function, _, suffix = name.partition(".")
+            if CLONE_SUFFIX.fullmatch(suffix):
+                found.setdefault(function, []).append(name)
+    return {fn: sorted(clones) for fn, clones in found.items()}
 
 
 @contextlib.contextmanager
@@ -135,10 +144,11 @@ class Probes:
         self.shapes = {}
         self.ringbuf = has_ringbuf(names)
         self.atomic_fetch = has_atomic_fetch()
+        clones_of = _clones([fn for fn in self.functions if fn not in names], names)
         for fn in self.functions:
             shape = shape_of(btf, fn)
             symbol = fn if fn in names else None
-            clones = _clones(fn, names) if symbol is None else []
+            clones = clones_of.get(fn, [])
             st = ProbeStatus(fn, shape is not None and symbol is not None,
                              shape.describe() if shape else None, method, False, symbol=symbol)
             if shape is None:
