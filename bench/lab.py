@@ -22,6 +22,7 @@ Under TCG every guest instruction is emulated: times are those of the emulated m
 the ratios are what compare. Budgets (DESIGN.md §7): start-up no slower than bpftrace, idle
 ≤ 0.5% of one core, overhead ≤ 1%, latency p99 ≤ 100 ms."""
 
+import compileall
 import json
 import os
 import shlex
@@ -54,6 +55,9 @@ def rows(quick, work, progress):
     fentry_rounds = 1 if quick else 4   # each on turn starts the daemon: half a minute
     results = os.path.join(work, "lab")
     os.makedirs(results)
+    # the daemon as an install has it, its modules compiled (pip and dpkg compile at install): a
+    # checkout's bytecode may be missing or stale, and the guest cannot keep what it compiles
+    compileall.compile_dir(os.path.join(TOP, "observer"), quiet=1)
     with Guest(results, release=KERNEL, append=GUEST_APPEND, qemu_opts=GUEST_QEMU,
                progress=progress) as guest:
         def run(*args, timeout=900):

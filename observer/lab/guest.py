@@ -197,12 +197,22 @@ class Guest:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.proc.wait(timeout=10)
+            if self._group_gone(timeout=10):
                 break
-            except subprocess.TimeoutExpired:
-                continue
         self.proc.wait()
+
+    def _group_gone(self, timeout):
+        """Whether every process of the guest's group (timeout, vng, QEMU) is gone within
+        `timeout` s. QEMU can outlive vng by a moment: it is then init's to reap, not ours."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.proc.poll()   # the group's leader is our child: reaped here
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.05)
+        return False
 
     def _alive_or_raise(self, when):
         if self.proc.poll() is not None:
