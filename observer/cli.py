@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 
 from . import __version__
@@ -109,17 +110,28 @@ def byte_count(value):
 
 def cmd_run(args):
     import logging
-    from . import daemon
     logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
     if args.strict and (args.mode == "procfs" or args.root != "/"):
         print("memhp-observer run: --strict needs the probes: not with --mode procfs or --root",
               file=sys.stderr)
         return 2
-    return daemon.run(host, port, root=args.root, interval=args.reconcile_interval, mode=args.mode,
-                      record=args.record, journal=args.journal,
-                      record_max_bytes=args.record_max_bytes, strict=args.strict,
-                      probe_method=args.probe_method)
+    compiled = None
+    # held until daemon.run's handlers are in: a stop asked meanwhile is then a clean stop
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    if args.mode != "procfs" and args.root == "/":
+        # the probes compile while the rest of the daemon is imported (seconds under TCG)
+        from .probes.loader import compile_soon
+        compiled = compile_soon(args.strict, args.probe_method)
+    from . import daemon
+    try:
+        return daemon.run(host, port, root=args.root, interval=args.reconcile_interval,
+                          mode=args.mode, record=args.record, journal=args.journal,
+                          record_max_bytes=args.record_max_bytes, strict=args.strict,
+                          probe_method=args.probe_method, compiled=compiled)
+    finally:
+        if compiled is not None:   # a start that ended before attaching: its compile ends first
+            compiled.close()
 
 
 def cmd_lab(args):

@@ -65,11 +65,12 @@ def _result(event):
 
 class Daemon:
     def __init__(self, root="/", interval=10.0, mode="auto", record=None, journal=None,
-                 record_max_bytes=None, strict=False, probe_method="auto"):
+                 record_max_bytes=None, strict=False, probe_method="auto", compiled=None):
         self.root = root
         self.interval = interval
         self.mode = mode           # auto, bpf or procfs, as asked
         self.probe_method = probe_method   # auto, kprobe or kfunc, as asked
+        self.compiled = compiled           # Probes from loader.compile_soon, or None
         self.strict = strict       # no start unless every core probe attaches
         self.record = record       # a trace file of everything the model was fed, or None
         self.record_max_bytes = record_max_bytes or RECORD_MAX_BYTES
@@ -124,7 +125,7 @@ class Daemon:
                 self._say_mode(f"BPF off: {reason}: procfs mode")
                 return None, {}
         # says itself why, when nothing attaches
-        probes, status = attach(self.mode, self.strict, self.probe_method)
+        probes, status = attach(self.mode, self.strict, self.probe_method, self.compiled)
         if probes is None:
             self.mode_said = "procfs mode: no probe attached"
             return None, {}
@@ -376,14 +377,18 @@ class Daemon:
 
 
 def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=None,
-        record_max_bytes=None, strict=False, probe_method="auto"):
+        record_max_bytes=None, strict=False, probe_method="auto", compiled=None):
     """Exit status: 0 after SIGTERM/SIGINT, 1 when the listener cannot start, --mode bpf
     cannot attach, --strict misses a core probe, or the --record or --journal file cannot be
-    made."""
-    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes, strict, probe_method)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: daemon.reopen.set())
+    made. compiled: Probes from loader.compile_soon, begun before this module was imported."""
+    daemon = Daemon(root, interval, mode, record, journal, record_max_bytes, strict, probe_method,
+                    compiled)
+    handlers = {signal.SIGTERM: lambda *_: daemon.stop.set(),
+                signal.SIGINT: lambda *_: daemon.stop.set(),
+                signal.SIGHUP: lambda *_: daemon.reopen.set()}
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handlers)   # cmd_run held them until now
     try:
         started = daemon.start(host, port)
     except (ProbeError, TraceWriteError, JournalError) as e:

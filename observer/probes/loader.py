@@ -14,6 +14,7 @@ import mmap
 import os
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -120,6 +121,9 @@ class Probes:
         self.order = CallOrder(in_flight=self._in_flight)
         self.pairing = Pairing()
         self.ksyms = Ksyms()
+        self._counters = None
+        self._compiling = None       # compile_soon's thread, until start() has waited for it
+        self._compile_error = None
         self.lost_seen = 0
 
     def plan(self):
@@ -181,24 +185,58 @@ class Probes:
                              annotations=annotations, atomic_fetch=self.atomic_fetch,
                              vmemmap_base=self.variables.get("vmemmap_base", 0))
 
+    def _ready_to_compile(self):
+        try:
+            import bcc  # noqa: F401  (imported here first to say plainly when it is missing)
+        except ImportError:
+            raise ProbeError("bcc is not importable: install Debian's python3-bpfcc (a venv "
+                             "needs --system-site-packages)") from None
+        if not os.path.isdir(os.path.join(headers_dir(), "include")):
+            # without headers bcc runs `modprobe kheaders` by itself: never let it
+            raise ProbeError(f"no kernel headers at {headers_dir()}: install "
+                             f"linux-headers-{os.uname().release}")
+        # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
+        # first call-to-metric took 4.9 s), done while the program compiles
+        self.ksyms.load_soon()
+
+    def compile_soon(self):
+        """Plan, then compile the kprobe program in a thread of its own, and return once the
+        compile has begun (the plan is Python: what the caller does meanwhile would only take
+        turns with it). bcc's clang lets go of the GIL, and under TCG it is most of a start:
+        `run` imports the rest of the daemon meanwhile. start() waits for it, and raises what
+        the plan or the compile raised."""
+        begun = threading.Event()
+
+        def compile_kprobes():
+            try:
+                self.plan()
+                if self.shapes:
+                    self._ready_to_compile()
+                    text = self.text("kprobe")
+                    from bcc import BPF
+                    begun.set()
+                    self.bpf = BPF(text=text)
+            except BaseException as e:
+                self._compile_error = e
+            finally:
+                begun.set()
+        self._compiling = threading.Thread(target=compile_kprobes, name="compile", daemon=True)
+        self._compiling.start()
+        begun.wait()
+
     def start(self):
-        """Compile and attach. Returns the status table."""
+        """Compile (unless compile_soon did) and attach. Returns the status table."""
+        if self._compiling is not None:
+            self._compiling.join()
+            self._compiling = None
+            if self._compile_error is not None:
+                raise self._compile_error
         if not self.status:
             self.plan()
         if self.shapes:
-            try:
-                import bcc  # noqa: F401  (imported here first to say plainly when it is missing)
-            except ImportError:
-                raise ProbeError("bcc is not importable: install Debian's python3-bpfcc (a venv "
-                                 "needs --system-site-packages)") from None
-            if not os.path.isdir(os.path.join(headers_dir(), "include")):
-                # without headers bcc runs `modprobe kheaders` by itself: never let it
-                raise ProbeError(f"no kernel headers at {headers_dir()}: install "
-                                 f"linux-headers-{os.uname().release}")
+            if self.bpf is None:
+                self._ready_to_compile()
             method = self.status[next(iter(self.shapes))].method
-            # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
-            # first call-to-metric took 4.9 s), done while the program compiles
-            self.ksyms.load_soon()
             (self._start_kprobes if method == "kprobe" else self._start_kfuncs)()
         self._strict_check()
         if self.bpf is not None:
@@ -214,8 +252,9 @@ class Probes:
         return self.status
 
     def _start_kprobes(self):
-        from bcc import BPF
-        self.bpf = BPF(text=self.text("kprobe"))
+        if self.bpf is None:
+            from bcc import BPF
+            self.bpf = BPF(text=self.text("kprobe"))
         for fn in self.shapes:
             i, st = self.functions.index(fn), self.status[fn]
             try:
@@ -364,18 +403,33 @@ class Probes:
         return [self.pairing.feed(r) for r in self.order.drain()]
 
     def close(self):
+        if self._compiling is not None:   # compile_soon's, never started: let it end first
+            self._compiling.join()
+            self._compiling = None
         if self.bpf is not None:
-            self._counters.close()
+            if self._counters is not None:
+                self._counters.close()
             self.bpf.cleanup()
             self.bpf = None
 
 
-def attach(mode, strict=False, method="auto"):
+def compile_soon(strict=False, method="auto"):
+    """Probes whose kprobe program compiles while the caller goes on (Probes.compile_soon), for
+    attach() to take; None where `run` would not compile that program: no kprobes in this
+    kernel, fentry asked, or no privilege (the daemon then says why, as it would have)."""
+    if method == "kfunc" or missing_privilege() or not has_kprobes():
+        return None
+    probes = Probes(strict=strict, method=method)
+    probes.compile_soon()
+    return probes
+
+
+def attach(mode, strict=False, method="auto", probes=None):
     """(Probes with at least one function attached, or None; the status of every function) for
     `record` and `run`. mode "auto": when nothing attaches, the reason is logged once and the
     caller goes on in procfs mode; mode "bpf": ProbeError instead; strict: ProbeError unless
-    every core function attaches."""
-    probes = Probes(strict=strict, method=method)
+    every core function attaches. probes: compile_soon's, or None for new ones."""
+    probes = probes or Probes(strict=strict, method=method)
     try:
         status = probes.start()
     except ProbeError as e:
