@@ -1,7 +1,8 @@
 """The lab benchmarks, in one guest of Debian's 6.12 under QEMU/TCG (the lab's, with its boot
 Movable zone; bench/guest.py does the guest's side). Start-up: from launch to READY (/metrics
 answers: probes attached, first read judged) of the daemon in BPF mode, against Debian's
-bpftrace attaching kprobes on the same four core functions (until its BEGIN runs, after them).
+bpftrace attaching kprobes on the same four core functions (until its BEGIN runs, after them),
+three of each in turn, the medians compared.
 Idle: the BPF-mode daemon's CPU time as a share of one core, and its RSS, at the default
 reconcile interval. Probe overhead: offline and online of one boot-Movable block, timed cycle by
 cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon running) and off
@@ -51,6 +52,7 @@ MAX_IDLE_PERCENT = 0.5
 def rows(quick, work, progress):
     # a cycle takes a few ms: many make the median steady; each latency sample waits on /metrics
     n, idle_seconds = (3, 5) if quick else (30, 60)
+    starts = 1 if quick else 3   # each kind in turn: the first of a boot reads a cold page cache
     rounds, batch = (2, 3) if quick else (10, 20)
     fentry_rounds = 1 if quick else 4   # each on turn starts the daemon: half a minute
     results = os.path.join(work, "lab")
@@ -70,16 +72,23 @@ def rows(quick, work, progress):
                      f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.2; done", timeout=120)
 
         guest.sh(INJECT)    # and debugfs, where the kernel lists its kprobes
-        progress("lab: bpftrace attaching the four core kprobes")
-        bpftrace = run("ready", json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e", BPFTRACE],
-                                            "log": f"{results}/bpftrace.log",
-                                            "says": "attached"}))
-        stop(bpftrace["pid"])
-        progress("lab: the daemon in BPF mode, until READY")
         journal = f"{results}/journal.jsonl"
-        daemon = run("ready", json.dumps({"argv": [EXE, "run", "--mode", "bpf", "--listen",
-                                                   f"127.0.0.1:{PORT}", "--journal", journal],
-                                          "log": f"{results}/daemon.log", "port": PORT}))
+        bpftrace_seconds, daemon_seconds = [], []
+        for start in range(starts):
+            progress(f"lab: start {start + 1} of {starts}: bpftrace attaching the four core "
+                     f"kprobes, then the daemon in BPF mode until READY")
+            bpftrace = run("ready", json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e",
+                                                         BPFTRACE],
+                                                "log": f"{results}/bpftrace.log",
+                                                "says": "attached"}))
+            stop(bpftrace["pid"])
+            daemon = run("ready", json.dumps({"argv": [EXE, "run", "--mode", "bpf", "--listen",
+                                                       f"127.0.0.1:{PORT}", "--journal", journal],
+                                              "log": f"{results}/daemon.log", "port": PORT}))
+            bpftrace_seconds.append(bpftrace["seconds"])
+            daemon_seconds.append(daemon["seconds"])
+            if start < starts - 1:   # the last one stays for what follows
+                stop(daemon["pid"])
         progress(f"lab: the daemon idle for {idle_seconds} s")
         idle = run("idle", daemon["pid"], idle_seconds)
         progress(f"lab: latency over {n} cycles and {n} failed onlines")
@@ -94,11 +103,12 @@ def rows(quick, work, progress):
                                           "--listen", f"127.0.0.1:{PORT}"],
                                  "log": f"{results}/daemon-fentry.log", "port": PORT}))
     where = f"Debian {KERNEL} guest (TCG)"
-    out = [{"benchmark": "start-up to READY, BPF mode (kprobes)", "where": where,
-            "measured": f"{daemon['seconds']:.1f} s",
-            "reference": f"bpftrace attaching the 4 core kprobes {bpftrace['seconds']:.1f} s",
-            "ratio": daemon["seconds"] / bpftrace["seconds"], "budget": "≤ 1.0×",
-            "within": daemon["seconds"] <= bpftrace["seconds"]},
+    ours, theirs = statistics.median(daemon_seconds), statistics.median(bpftrace_seconds)
+    out = [{"benchmark": f"start-up to READY, BPF mode (kprobes), median of {starts}",
+            "where": where, "measured": f"{ours:.1f} s ({_seconds(daemon_seconds)})",
+            "reference": f"bpftrace attaching the 4 core kprobes {theirs:.1f} s "
+                         f"({_seconds(bpftrace_seconds)})",
+            "ratio": ours / theirs, "budget": "≤ 1.0×", "within": ours <= theirs},
            {"benchmark": f"idle daemon CPU, BPF mode, 10 s reconcile, {idle_seconds} s", "where": where,
             "measured": f"{idle['percent']:.2f}% of a core (RSS {idle['rss_bytes'] >> 20} MiB)",
             "reference": "—", "ratio": None, "budget": f"≤ {MAX_IDLE_PERCENT}% of a core",
@@ -128,6 +138,10 @@ def rows(quick, work, progress):
                     "reference": "—", "ratio": None, "budget": f"p99 ≤ {MAX_P99 * 1e3:.0f} ms",
                     "within": not missed and p99 <= MAX_P99})
     return out
+
+
+def _seconds(values):
+    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def _quantile(sorted_values, q):
