@@ -581,8 +581,7 @@ class Model:
         if e["ret"] not in OK_RETS:
             return []
         lo, hi = _pfns(e)
-        per_block = self.per_block
-        first, end_block = lo // per_block, (hi - 1) // per_block + 1
+        first, end_block = self._blocks_of(lo, hi)
         # before 5.12 online_pages takes no zone (it picks one itself): its event says neither
         # zone nor span, and only the views judge them
         zone = e.get("zone")
@@ -607,8 +606,7 @@ class Model:
             return []
         lo, hi = _pfns(e)
         if self.expected is not None:
-            per_block = self.per_block
-            self.expected.assign(lo // per_block, (hi - 1) // per_block + 1, ("offline", None))
+            self.expected.assign(*self._blocks_of(lo, hi), ("offline", None))
         zone = e.get("zone")
         if zone is None:   # offline_pages takes no zone before 5.17 either
             return []

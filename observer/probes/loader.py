@@ -224,13 +224,16 @@ class Probes:
         self._compiling.start()
         begun.wait()
 
-    def start(self):
-        """Compile (unless compile_soon did) and attach. Returns the status table."""
+    def _compile_ended(self):
         if self._compiling is not None:
             self._compiling.join()
             self._compiling = None
-            if self._compile_error is not None:
-                raise self._compile_error
+
+    def start(self):
+        """Compile (unless compile_soon did) and attach. Returns the status table."""
+        self._compile_ended()
+        if self._compile_error is not None:
+            raise self._compile_error
         if not self.status:
             self.plan()
         if self.shapes:
@@ -403,9 +406,7 @@ class Probes:
         return [self.pairing.feed(r) for r in self.order.drain()]
 
     def close(self):
-        if self._compiling is not None:   # compile_soon's, never started: let it end first
-            self._compiling.join()
-            self._compiling = None
+        self._compile_ended()   # compile_soon's, never started: it ends first
         if self.bpf is not None:
             if self._counters is not None:
                 self._counters.close()
