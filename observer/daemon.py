@@ -32,6 +32,12 @@ from .probes.loader import ProbeError, attach
 from .views.source import ViewError
 
 log = logging.getLogger("memhp-observer")
+
+
+class ListenError(Exception):
+    """The /metrics listener cannot start (the port taken, the address not this host's)."""
+
+
 STUCK_SECONDS = 30   # a reconcile running this long is said to be stuck (once per reconcile)
 # the loop's longest sleep with nothing held: a signal that another thread took waits this long
 # for the loop to see it (a 6.12 lab guest's idle BPF-mode daemon: 0.58% of a core at 0.5 s,
@@ -166,7 +172,10 @@ class Daemon:
                 self.source.close()
                 return False
             self._say_if_stuck()
-        serve(host, port, collectors)
+        try:
+            serve(host, port, collectors)
+        except OSError as e:
+            raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
         # probes attached (or deliberately not) and the first read taken: ready
         self.notifier.send(READY=1, STATUS=f"{self.mode_said}; serving /metrics on {host}:{port}")
         log.info("serving /metrics on %s:%d, reconciling every %g s", host, port, self.interval)
@@ -391,11 +400,8 @@ def run(host, port, root="/", interval=10.0, mode="auto", record=None, journal=N
     signal.pthread_sigmask(signal.SIG_UNBLOCK, handlers)   # cmd_run held them until now
     try:
         started = daemon.start(host, port)
-    except (ProbeError, TraceWriteError, JournalError) as e:
+    except (ProbeError, TraceWriteError, JournalError, ListenError) as e:
         log.error("%s", e)
-        return 1
-    except OSError as e:
-        log.error("cannot listen on %s:%d: %s", host, port, e.strerror or e)
         return 1
     if started:
         daemon.loop()

@@ -399,6 +399,21 @@ def test_a_missing_bcc_is_one_line():
     assert "bcc is not importable: install Debian's python3-bpfcc" in out.stderr
 
 
+def test_an_installation_without_its_bpf_program_says_which_file(tmp_path):
+    """The package copied without bpf/memhp.c beside it (nor under the venv's share/): the start
+    fails on the file, and says so, not as a listener or probe failure."""
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "observer"),
+                    tmp_path / "observer", ignore=shutil.ignore_patterns("__pycache__"))
+    run = ("import sys; from observer.cli import main; "
+           "sys.exit(main(['run', '--mode', 'bpf', '--probe-method', 'kfunc', "
+           "'--listen', '127.0.0.1:9']))")   # never reached
+    out = subprocess.run([sys.executable, "-c", run], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    missing = os.path.join(sys.prefix, "share", "memhp-observer", "bpf", "memhp.c")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert f"the probes' program {missing}: No such file or directory" in out.stderr
+
+
 def test_a_qmp_failure_is_a_lab_error(tmp_path):
     from observer.lab import LabError
     from observer.lab.qmp import QMP

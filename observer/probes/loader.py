@@ -180,10 +180,14 @@ class Probes:
         index = self.functions.index
         indexed = {index(fn): s for fn, s in self.shapes.items()}
         annotations = {index(fn): index(ANNOTATIONS[fn]) for fn in self.shapes if fn in ANNOTATIONS}
-        # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
-        return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
-                             annotations=annotations, atomic_fetch=self.atomic_fetch,
-                             vmemmap_base=self.variables.get("vmemmap_base", 0))
+        try:
+            # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
+            return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
+                                 annotations=annotations, atomic_fetch=self.atomic_fetch,
+                                 vmemmap_base=self.variables.get("vmemmap_base", 0))
+        except OSError as e:
+            raise ProbeError(f"the probes' program {e.filename}: {e.strerror or e} "
+                             "(an installation without its bpf/memhp.c?)") from None
 
     def _ready_to_compile(self):
         try:
@@ -284,8 +288,9 @@ class Probes:
                 pass
 
         prefix = "" if has_kprobes() else "no kprobes in this kernel; "
+        text = self.text("kfunc")
         try:
-            self.bpf = Manual(text=self.text("kfunc"))
+            self.bpf = Manual(text=text)
         except Exception as e:
             self._unobserved(self.shapes, prefix + "fentry: " + _why(e))
             return
