@@ -64,6 +64,11 @@ def read_kallsyms(path="/proc/kallsyms", variables=("vmemmap_base",)):
     return names, addresses
 
 
+# clang's warnings about the kernel's own headers, nothing to act on: 6.12's asm/current.h gives
+# __seg_gs twice, and 6.12's and 7.2's asm/ibt.h say nocf_check (ignored: BPF has no CET) — 25
+# lines before the daemon's first at every start
+CFLAGS = ["-Wno-duplicate-decl-specifier", "-Wno-ignored-attributes"]
+
 CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
 
 
@@ -219,7 +224,7 @@ class Probes:
                     text = self.text("kprobe")
                     from bcc import BPF
                     begun.set()
-                    self.bpf = BPF(text=text)
+                    self.bpf = BPF(text=text, cflags=CFLAGS)
             except BaseException as e:
                 self._compile_error = e
             finally:
@@ -261,7 +266,7 @@ class Probes:
     def _start_kprobes(self):
         if self.bpf is None:
             from bcc import BPF
-            self.bpf = BPF(text=self.text("kprobe"))
+            self.bpf = BPF(text=self.text("kprobe"), cflags=CFLAGS)
         for fn in self.shapes:
             i, st = self.functions.index(fn), self.status[fn]
             try:
@@ -290,7 +295,7 @@ class Probes:
         prefix = "" if has_kprobes() else "no kprobes in this kernel; "
         text = self.text("kfunc")
         try:
-            self.bpf = Manual(text=text)
+            self.bpf = Manual(text=text, cflags=CFLAGS)
         except Exception as e:
             self._unobserved(self.shapes, prefix + "fentry: " + _why(e))
             return
