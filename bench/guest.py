@@ -1,6 +1,6 @@
 """The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
 through the lab agent): hotplug cycles timed in turns with the daemon's probes on and off,
-the daemon's /metrics and journal watched for what a cycle makes, processes started and timed
+and with the kernel timing its BPF programs, the daemon's /metrics and journal watched for what a cycle makes, processes started and timed
 until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
 writer of hotplug sysfs files here."""
 
@@ -19,6 +19,8 @@ from .processes import cpu_seconds, until_idle
 
 MEM = "/sys/devices/system/memory"
 KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"   # 0 disarms every kprobe, 1 arms them
+# 1: the kernel times every BPF program run (run_time_ns, run_cnt in each program fd's fdinfo)
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
 def movable_block():
@@ -98,16 +100,16 @@ def in_turns(rounds, batch, pid):
 
 
 def restarted_turns(rounds, batch, spec):
-    """Cycles with the observer running and not, in turns as in_turns has them, for probes
-    that cannot be disarmed (fentry): on, the process started (spec: what ready takes) and
-    then idle; off, that process ended, and its programs with it. {"on": [cycle()], "off":
-    [cycle()]}."""
+    """Cycles with an observer running and not, in turns as in_turns has them, for probes
+    that cannot be disarmed (fentry, or bpftrace's kprobe_multi): on, the process started
+    (spec: what ready takes) and then idle; off, that process ended, and its programs with it.
+    {"on": [cycle()], "off": [cycle()]}."""
     block = movable_block()
     out = {"on": [], "off": []}
     for r in range(rounds):
         for on in (True, False) if r % 2 == 0 else (False, True):
             if on:
-                pid = ready(spec["argv"], spec["log"], spec.get("port"))["pid"]
+                pid = ready(spec["argv"], spec["log"], spec.get("port"), spec.get("says"))["pid"]
                 until_idle(pid, timeout=10.0)
             else:
                 time.sleep(0.5)   # idle as long as an on turn's start is at least
@@ -115,6 +117,38 @@ def restarted_turns(rounds, batch, spec):
             if on:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)
+    return out
+
+
+def probe_time(n, pid):
+    """n cycles with the kernel timing the BPF programs of process pid (kernel.bpf_stats_enabled
+    for the length of the cycles): {"cycles": [cycle()], "run_ns": their programs' time in all,
+    "runs": how many runs}. The time of the programs alone, in the thread that cycles: not the
+    kprobes' own dispatch, nor what the process does with the events."""
+    block = movable_block()
+    cycle(block)
+    _write(BPF_STATS, "1")
+    try:
+        before = _program_stats(pid)
+        cycles = [cycle(block) for _ in range(n)]
+        after = _program_stats(pid)
+    finally:
+        _write(BPF_STATS, "0")
+    return {"cycles": cycles, "run_ns": sum(after[p][0] - before.get(p, (0, 0))[0] for p in after),
+            "runs": sum(after[p][1] - before.get(p, (0, 0))[1] for p in after)}
+
+
+def _program_stats(pid):
+    """{BPF program id: (run_time_ns, run_cnt)} of the programs process pid holds open."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = dict(line.split(":", 1) for line in _read(f"/proc/{pid}/fdinfo/{fd}").splitlines()
+                        if ":" in line)
+        except OSError:   # closed meanwhile
+            continue
+        if "prog_id" in info and "run_time_ns" in info:
+            out[int(info["prog_id"])] = (int(info["run_time_ns"]), int(info["run_cnt"]))
     return out
 
 
@@ -214,6 +248,8 @@ def main():
         out = in_turns(int(args[0]), int(args[1]), int(args[2]))
     elif verb == "restarted_turns":
         out = restarted_turns(int(args[0]), int(args[1]), json.loads(args[2]))
+    elif verb == "probe_time":
+        out = probe_time(int(args[0]), int(args[1]))
     elif verb == "latency":
         out = latency(int(args[0]), int(args[1]), args[2], args[3])
     elif verb == "ready":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from bench import __main__ as bench, reconcile
+from observer.probes.functions import ALL, CORE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +21,9 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
     assert "bench: replay: timing" in run.stderr            # progress, as it goes
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    # the watched functions the guest's kernel has: 19 of 20 in Debian's 6.12
+    watched = int(re.search(r"bpftrace counting calls of the (\d+) watched", text).group(1))
+    assert len(CORE) <= watched <= len(ALL)
     assert {(r[0].lstrip("| "), r[1]) for r in rows} == {
         *((f"{said} (median of {3 * reconcile.SCRAPES if kind == 'scrape' else 3})", where)
           for kind, said in reconcile.KINDS.items() for where in ("this host", "1,000 blocks")),
@@ -27,13 +31,21 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
         ("idle daemon CPU, procfs mode, 10 s reconcile", "this host"),
         *((name, "Debian 6.12 guest (TCG)") for name in (
             "start-up to READY, BPF mode (kprobes), median of 1",
+            "start-up, bcc's own: an empty program on the 4 core kprobes, median of 1",
             "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
             *(f"probe overhead, {method}, {which}, median of {n} cycles"
               for method, n in (("kprobes (the daemon), on and off in turns", 6),
-                                ("fentry (the daemon), started and stopped in turns", 3))
+                                ("fentry (the daemon), started and stopped in turns", 3),
+                                (f"kprobes (bpftrace counting calls of the {watched} watched "
+                                 "functions), started and stopped in turns", 3))
               for which in ("wall time", "CPU time of the cycling thread")),
+            "probe run time, kprobes (the daemon's BPF programs, as the kernel times them), 6 cycles",
             "latency, kernel call to metric, 6 calls",
             "latency, kernel call to anomaly journalled, 3 calls"))}
+    # the kernel timed the daemon's programs: an entry and a return of offline_pages and
+    # online_pages a cycle at least
+    runs = re.search(r"\| \d+ µs a cycle \(([\d.]+) runs of [\d.]+ µs\)", text)
+    assert runs and float(runs.group(1)) >= 4
     assert all(re.fullmatch(r"[\d.]+×|—", r[4]) and r[6].rstrip(" |") in bench.WITHIN.values()
                for r in rows)
     for module in bench.BENCHMARKS:
