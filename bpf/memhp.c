@@ -8,6 +8,7 @@
 // half the time without mmzone.h and its kin. The structs fentry's arguments point at are
 // declared below.
 #include <uapi/linux/ptrace.h>
+@METHOD@
 @DECLARATIONS@
 
 struct event {
@@ -45,10 +46,17 @@ static __always_inline void read_at(void *dst, u32 size, u64 base, u32 offset) {
     bpf_probe_read_kernel(dst, size, (void *)(base + offset));
 }
 
+// An address as a number to add to. A kprobe's arguments are numbers already; under fentry the
+// compiler may hand on the BTF-typed argument itself where the event's copy was stored, so it
+// goes through a read.
 static __always_inline u64 plain(u64 addr) {
+#ifdef FENTRY
     u64 copy = 0;
     bpf_probe_read_kernel(&copy, sizeof(copy), &addr);
     return copy;
+#else
+    return addr;
+#endif
 }
 
 @TAKE_SEQ@
@@ -71,15 +79,14 @@ static __always_inline int begin(void *ctx, struct event *e, u32 fn) {
     return 0;
 }
 
-static __always_inline void read_zone(struct event *e, int after) {
-    u64 zone = plain(e->zone_ptr), pgdat = 0, start = 0, spanned = 0, present = 0;
-    read_at(&pgdat, sizeof(pgdat), zone, OFF(zone, zone_pgdat));
-    read_at(&start, sizeof(start), zone, OFF(zone, zone_start_pfn));
-    read_at(&spanned, sizeof(spanned), zone, OFF(zone, spanned_pages));
-    read_at(&present, sizeof(present), zone, OFF(zone, present_pages));
-    // the zone's index is its place in pgdat->node_zones[]
-    e->zone_idx = (zone - (pgdat + OFF(pglist_data, node_zones))) / SIZEOF_zone;
-    read_at(&e->zone_nid, sizeof(e->zone_nid), pgdat, OFF(pglist_data, node_id));
+// A zone's span and present pages, in one read: the kernel keeps zone_start_pfn, spanned_pages
+// and present_pages within SPAN_WORDS words from SPAN_FIRST (shapes.py checks, from BTF).
+static __always_inline void read_span(struct event *e, int after) {
+    u64 words[SPAN_WORDS] = {};
+    read_at(words, sizeof(words), plain(e->zone_ptr), SPAN_FIRST);
+    u64 start = words[(OFF(zone, zone_start_pfn) - SPAN_FIRST) / 8];
+    u64 spanned = words[(OFF(zone, spanned_pages) - SPAN_FIRST) / 8];
+    u64 present = words[(OFF(zone, present_pages) - SPAN_FIRST) / 8];
     if (after) {
         e->span_start_after = start;
         e->span_pages_after = spanned;
@@ -89,6 +96,15 @@ static __always_inline void read_zone(struct event *e, int after) {
         e->span_pages_before = spanned;
         e->present_before = present;
     }
+}
+
+// At entry: the zone's node and index (its place in pgdat->node_zones[]), and its span before.
+static __always_inline void read_zone(struct event *e) {
+    u64 zone = plain(e->zone_ptr), pgdat = 0;
+    read_at(&pgdat, sizeof(pgdat), zone, OFF(zone, zone_pgdat));
+    e->zone_idx = (zone - (pgdat + OFF(pglist_data, node_zones))) / SIZEOF_zone;
+    read_at(&e->zone_nid, sizeof(e->zone_nid), pgdat, OFF(pglist_data, node_id));
+    read_span(e, 0);
 }
 
 // A pgmap is read at return: memremap_pages() zeroes nr_range and counts the ranges it maps, so

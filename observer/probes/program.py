@@ -37,7 +37,7 @@ FIELDS = (
     ("blocker_refcount", "s32"),
     ("stack_bytes", "s32"), ("comm", "char[16]"), ("res_name", "char[32]"),
     ("blocker_reason", "char[32]"),
-    ("stack", "u64[32]"),
+    ("stack", "u64[32]"),   # last: entry zeroes the event up to it
 )
 _CTYPES = {"u64": ctypes.c_uint64, "s64": ctypes.c_int64, "u32": ctypes.c_uint32,
            "s32": ctypes.c_int32}
@@ -69,7 +69,7 @@ def _reads(shape, arg):
             "size": f"e->size = (u64){a};",
             "start_pfn": f"e->start_pfn = (u64){a};",
             "nr_pages": f"e->nr_pages = (u64){a};",
-            "zone": f"e->zone_ptr = (u64){a}; read_zone(e, 0);",
+            "zone": f"e->zone_ptr = (u64){a}; read_zone(e);",
             "pgmap": f"e->pgmap_ptr = (u64){a};",
             "res": f"read_res(e, (u64){a});",
             "params": f"read_params(e, (u64){a});",
@@ -85,7 +85,7 @@ def _finish(shape, ret, ringbuf):
     if ret:
         lines.append(f"e->ret = (s64){ret};")
     if shape.role_position("zone"):
-        lines.append("read_zone(e, 1);")
+        lines.append("read_span(e, 1);")
     if shape.role_position("pgmap") or shape.role_position("params"):
         lines.append("read_pgmap(e);")
     if shape.returns == "resource":   # a struct resource * that is neither NULL nor ERR_PTR
@@ -131,7 +131,8 @@ def _probe_pair(index, shape, ringbuf, method):
     struct event *e = scratch.lookup(&zero);
     if (!e)
         return 0;
-    __builtin_memset(e, 0, sizeof(*e));
+    // all but the stack: bpf_get_stack fills it, and it is read only as far as stack_bytes says
+    __builtin_memset(e, 0, __builtin_offsetof(struct event, stack));
     if (begin(ctx, e, {index})) {{
         count_lost();
         return 0;
@@ -183,6 +184,8 @@ def _offsets(layouts):
     lines = [f"#define OFF_{struct}_{member} {off}"
              for (struct, member), off in sorted(layouts.offsets.items())]
     lines += [f"#define SIZEOF_{struct} {size}" for struct, size in sorted(layouts.sizes.items())]
+    first, words = layouts.span
+    lines += [f"#define SPAN_FIRST {first}", f"#define SPAN_WORDS {words}"]
     return "\n".join(lines)
 
 
@@ -251,6 +254,7 @@ def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotat
     output = ("BPF_RINGBUF_OUTPUT(events, 512);  // one order for all CPUs" if ringbuf else
               "BPF_PERF_OUTPUT(events);  // per CPU: Python restores call order by seq")
     replacements = {
+        "@METHOD@": "" if method == "kprobe" else "#define FENTRY",
         "@DECLARATIONS@": "" if method == "kprobe" else _declarations(shapes.values()),
         "@EVENT_FIELDS@": "\n".join(_c_field(n, t) for n, t in FIELDS),
         "@OFFSETS@": _offsets(layouts),

@@ -97,8 +97,10 @@ class LayoutError(Exception):
 # The struct fields the BPF program reads, by the offsets the running kernel's BTF gives.
 # kernel-reference.md §3: they move between builds (dev_pagemap.type is at 96 in Debian 6.1 and
 # 104 in 6.12), so a program compiled against another kernel's headers would read garbage.
+ZONE_SPAN = ("zone_start_pfn", "spanned_pages", "present_pages")   # read in one go
+MAX_SPAN_WORDS = 8
 FIELDS_READ = {
-    "zone": ("zone_start_pfn", "spanned_pages", "present_pages", "zone_pgdat"),
+    "zone": ZONE_SPAN + ("zone_pgdat",),
     "pglist_data": ("node_zones", "node_id"),
     "resource": ("start", "end", "name", "flags", "desc"),
     "range": ("start", "end"),
@@ -117,6 +119,7 @@ class Layouts:
     memory_types: dict          # value -> MEMORY_DEVICE_* name
     zone_names: dict            # zone index -> zoneinfo's name (Normal, Movable, ...)
     page_flags: dict            # page->flags bit -> name as dump_page prints it (reserved, lru)
+    span: tuple                 # (offset, words) of struct zone that hold its span and present pages
 
 
 # /proc/zoneinfo prints mm/page_alloc.c zone_names[], not the enum's spelling
@@ -142,12 +145,18 @@ def layouts(btf):
                 raise LayoutError(f"struct {struct} has no member {m} in the kernel's BTF")
             offsets[(struct, m)] = have[m]
     sizes = {s: btf.struct_size(s) for s in SIZES_READ}
+    # read at once (two reads a call, not eight): a few words apart in every kernel since 4.x
+    span = sorted(offsets[("zone", m)] for m in ZONE_SPAN)
+    words = (span[-1] - span[0]) // 8 + 1
+    if words > MAX_SPAN_WORDS or any(off % 8 for off in span):
+        raise LayoutError(f"struct zone keeps {', '.join(ZONE_SPAN)} at {span}: not within "
+                          f"{MAX_SPAN_WORDS} aligned words, as the probes read them")
     types = btf.enum_values("memory_type") or {}
     zones = btf.enum_values("zone_type") or {}
     return Layouts(offsets, sizes, "range" in pgmap, "pgmap" in params,
                    {v: k for k, v in types.items()},
                    {v: _ZONEINFO_NAME.get(k, k) for k, v in zones.items() if k in _ZONEINFO_NAME},
-                   page_flag_names(btf.enum_values("pageflags") or {}))
+                   page_flag_names(btf.enum_values("pageflags") or {}), (span[0], words))
 
 
 def page_flag_names(pageflags):
