@@ -1,8 +1,8 @@
-"""The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by bench/lab.py
-through the lab agent): hotplug cycles timed in turns with the daemon's probes on and off,
-and with the kernel timing its BPF programs, the daemon's /metrics and journal watched for what a cycle makes, processes started and timed
-until ready. Prints one JSON object. Refuses to run outside a lab guest, like every
-writer of hotplug sysfs files here."""
+"""The lab benchmarks' side in the guest (`python -m bench.guest RESULTS VERB ...`, run by
+bench/lab.py through the lab agent): hotplug cycles timed in turns with the daemon's probes on
+and off, and with the kernel timing its BPF programs, the daemon's /metrics and journal watched
+for what a cycle makes, processes started and timed until ready. Prints one JSON object.
+Refuses to run outside a lab guest, like every writer of hotplug sysfs files here."""
 
 import json
 import os
@@ -143,8 +143,8 @@ def _program_stats(pid):
     out = {}
     for fd in os.listdir(f"/proc/{pid}/fdinfo"):
         try:
-            info = dict(line.split(":", 1) for line in _read(f"/proc/{pid}/fdinfo/{fd}").splitlines()
-                        if ":" in line)
+            lines = _read(f"/proc/{pid}/fdinfo/{fd}").splitlines()
+            info = dict(line.split(":", 1) for line in lines if ":" in line)
         except OSError:   # closed meanwhile
             continue
         if "prog_id" in info and "run_time_ns" in info:

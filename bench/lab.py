@@ -10,25 +10,25 @@ cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon runnin
 (every kprobe disarmed through debugfs, the daemon stopped), 10 rounds, since under TCG a
 guest's cycle drifts by tens of percent within minutes; each turn begins once the daemon has
 been idle half a second (in an on turn it has then taken what came while it was stopped), so
-both kinds begin from a guest as idle: the first cycles after idling take longer. The
-daemon through fentry (which cannot be disarmed) in turns too, 4 rounds: on, the daemon
-started until READY, then idle half a second; off, the daemon ended (its programs detached
-with it), the guest idle half a second. Beside them, in the same way as fentry, what the
-kernel's kprobes cost before any work of the daemon's: bpftrace with the daemon's probes on
-the watched functions the kernel has (an entry and a return probe on each, an entry probe on
-an annotation), each only counting calls. And the daemon's BPF programs timed by the kernel
-(kernel.bpf_stats_enabled) over as many cycles, the daemon running: their time a cycle, against
-the cycle's CPU time, is a floor of the overhead that TCG's drift does not blur (it leaves out the
-kprobes' dispatch, which bpftrace's counting shows, and the daemon's work on the events). Every turn begins with a cycle left untimed (arming,
-disarming, attaching and detaching rewrite kernel text, which QEMU then translates anew). Each
-cycle is timed twice: its wall time, and the CPU time of the thread that cycles (the probes run
-in it; the wall time also takes what the other CPU does meanwhile, since an offline waits on
-every CPU). The overhead is the median cycle's against the median without, for each. Latency:
-after each offline or online returns, until the daemon's /metrics counts the call; and with
-onlining made to fail (memory notifier error injection), until its anomaly journal holds the failure.
-Under TCG every guest instruction is emulated: times are those of the emulated machine, and
-the ratios are what compare. Budgets (DESIGN.md §7): start-up no slower than bpftrace, idle
-≤ 0.5% of one core, overhead ≤ 1%, latency p99 ≤ 100 ms."""
+both kinds begin from a guest as idle: the first cycles after idling take longer. The daemon
+through fentry (which cannot be disarmed) in turns too, 4 rounds: on, the daemon started until
+READY, then idle half a second; off, the daemon ended (its programs detached with it), the guest
+idle half a second. Beside them, in the same way as fentry, what the kernel's kprobes cost
+before any work of the daemon's: bpftrace with the daemon's probes on the watched functions the
+kernel has (an entry and a return probe on each, an entry probe on an annotation), each only
+counting calls. And the daemon's BPF programs timed by the kernel (kernel.bpf_stats_enabled)
+over as many cycles, the daemon running: their time a cycle, against the cycle's CPU time, is a
+floor of the overhead that TCG's drift does not blur (it leaves out the kprobes' dispatch, which
+bpftrace's counting shows, and the daemon's work on the events). Every turn begins with a cycle
+left untimed (arming, disarming, attaching and detaching rewrite kernel text, which QEMU then
+translates anew). Each cycle is timed twice: its wall time, and the CPU time of the thread that
+cycles (the probes run in it; the wall time also takes what the other CPU does meanwhile, since
+an offline waits on every CPU). The overhead is the median cycle's against the median without,
+for each. Latency: after each offline or online returns, until the daemon's /metrics counts the
+call; and with onlining made to fail (memory notifier error injection), until its anomaly
+journal holds the failure. Under TCG every guest instruction is emulated: times are those of the
+emulated machine, and the ratios are what compare. Budgets (DESIGN.md §7): start-up no slower
+than bpftrace, idle ≤ 0.5% of one core, overhead ≤ 1%, latency p99 ≤ 100 ms."""
 
 import compileall
 import json
@@ -39,7 +39,6 @@ import sys
 
 from observer.lab.guest import Guest
 from observer.lab.scenarios import GUEST_APPEND, GUEST_QEMU, INJECT, INJECT_DIR
-
 from observer.probes.functions import ALL, ANNOTATIONS
 
 from .processes import EXE
@@ -167,16 +166,17 @@ def rows(quick, work, progress):
                         "ratio": median / base,
                         "budget": f"≤ +{MAX_OVERHEAD:g}%" if budgeted else "—",
                         "within": extra <= MAX_OVERHEAD if budgeted else None})
-    n_cycles = len(probe_time["cycles"])
+    n_cycles, runs = len(probe_time["cycles"]), probe_time["runs"]
     cpu = sum(c[1] for c in probe_time["cycles"]) / n_cycles
     per_cycle = probe_time["run_ns"] / 1e9 / n_cycles
     out.append({"benchmark": f"probe run time, kprobes (the daemon's BPF programs, as the kernel "
                              f"times them), {n_cycles} cycles",
                 "where": where,
-                "measured": f"{per_cycle * 1e6:.0f} µs a cycle ({probe_time['runs'] / n_cycles:.1f} "
-                            f"runs of {probe_time['run_ns'] / max(1, probe_time['runs']) / 1e3:.1f} µs)",
+                "measured": f"{per_cycle * 1e6:.0f} µs a cycle ({runs / n_cycles:.1f} runs of "
+                            f"{probe_time['run_ns'] / max(1, runs) / 1e3:.1f} µs)",
                 "reference": f"CPU time of the cycling thread, {cpu * 1e3:.2f} ms a cycle",
-                "ratio": per_cycle / cpu, "budget": f"≤ {MAX_OVERHEAD / 100:g}× (the overhead's floor)",
+                "ratio": per_cycle / cpu,
+                "budget": f"≤ {MAX_OVERHEAD / 100:g}× (the overhead's floor)",
                 "within": per_cycle / cpu <= MAX_OVERHEAD / 100})
     for name, seconds in (("kernel call to metric", latency["to_metric"]),
                           ("kernel call to anomaly journalled", latency["to_anomaly"])):
