@@ -1,11 +1,12 @@
 """The readers on this machine's captured views, and on malformed inputs derived from them."""
 
+import os
 import re
 
 import pytest
 from hypothesis import given, strategies as st
 
-from conftest import HOST, edit
+from conftest import FIXTURES, HOST, edit
 from observer.views import iomem, memory_blocks, zoneinfo
 from observer.views.source import ViewError
 
@@ -161,3 +162,21 @@ def test_blocks_read_again_are_spliced_into_the_runs(before, changed):
     assert spliced.runs == whole.runs
     assert [(b.index, b.state, b.zone, b.node) for b in spliced.blocks] == \
         [(b.index, b.state, b.zone, b.node) for b in whole.blocks]
+
+
+def test_a_block_being_added_is_not_asked_its_zones_before_it_has_a_node(tmp_path):
+    """A block in the window between its uevent and its node link (lab-6.12's kmem capture,
+    one offline block's links taken away, its valid_zones made unreadable): 5.10 oopsed on
+    valid_zones there (NODE_DATA of no node), so it is not read until the link is in."""
+    import shutil
+    src = os.path.join(FIXTURES, "lab-6.12/kmem/03-system-ram")
+    root = tmp_path / "root"
+    shutil.copytree(src, root, symlinks=True)
+    block = root / "sys/devices/system/memory/memory34"
+    assert memory_blocks.read_block(str(root), 34).valid_zones    # linked: read as before
+    (block / "node0").unlink()
+    (root / "sys/devices/system/node/node0/memory34").unlink(missing_ok=True)
+    (block / "valid_zones").unlink()
+    (block / "valid_zones").mkdir()     # a read of it would fail
+    read = memory_blocks.read_block(str(root), 34)
+    assert (read.state, read.valid_zones, read.node) == ("offline", (), None)

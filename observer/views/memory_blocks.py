@@ -245,7 +245,12 @@ def read_block(root, index):
     state = _one_line(root, f"{d}/state")
     if state not in STATES:
         raise ViewError(view_path(root, f"{d}/state"), f"unknown state {excerpt(state)}", 1)
-    zones = tuple(_one_line(root, f"{d}/valid_zones").split())
+    node = _node_of(root, d, index)
+    # 5.10 works out an offline block's valid_zones from its node, which a block being added
+    # (its uevent already sent) has only once linked to it: read before, the kernel looked up
+    # NODE_DATA(NUMA_NO_NODE) and oopsed (a lab guest, virtio-mem growing). Not asked till then.
+    zones = () if state != "online" and node is None else \
+        tuple(_one_line(root, f"{d}/valid_zones").split())
     unknown = [z for z in zones if z not in VALID_ZONE_WORDS]
     if unknown:
         raise ViewError(view_path(root, f"{d}/valid_zones"), f"unknown zone {excerpt(unknown[0])} "
@@ -256,7 +261,7 @@ def read_block(root, index):
         if value not in ("0", "1"):
             raise ViewError(view_path(root, f"{d}/removable"), f"expected 0 or 1, found {excerpt(value)}", 1)
         removable = value == "1"
-    return MemoryBlock(index, state, zones, _node_of(root, d, index), removable)
+    return MemoryBlock(index, state, zones, node, removable)
 
 
 def block_indexes(root="/"):
