@@ -1,14 +1,16 @@
 """Replay throughput and its scaling. A synthetic BPF-mode trace is generated from a valid
 operation sequence: this project's host capture grown to N memory blocks (the added ones online
-in Movable), then offline and online of blocks inside Movable, one after another, each an
-offline_pages and an online_pages event as Debian 6.1's probes record them (span and present
-pages before and after) with its two uevents, and a read of the views (a snapshot record)
-every 1,000 events; replay must judge every read and find nothing above info. `replay` of the
-file (read, parse and model) is timed against a raw JSON parse of the same file by Python's
-json module, in one run (and beside it orjson's parse alone, the parser replay uses):
-for 10^4..10^6 events on a host of 10^3 blocks, and for 10^5 events on hosts of 10^3..10^6
-blocks. Budget (DESIGN.md §7): ≥ 200,000 events/s, ≥ 0.5× the raw parse, and the cost per
-event flat across host sizes (here: the largest host's no more than 1.25× the smallest's)."""
+in Movable), then offline and online of blocks inside Movable, one after another, as Debian
+6.1's probes record a write to memoryN/state (lab-6.1's trace): an offline is offline_pages and
+the remove_pfn_range_from_zone it calls, an online is online_pages and its
+move_pfn_range_to_zone (each with the zone's span and present pages before and after), each
+followed by its uevent; and a read of the views (a snapshot record) every 1,000 events. replay
+must judge every read and find nothing above info. `replay` of the file (read, parse and model)
+is timed against a raw JSON parse of the same file by Python's json module, in one run (and
+beside it orjson's parse alone, the parser replay uses): for 10^4..10^6 events on a host of
+10^3 blocks, and for 10^5 events on hosts of 10^3..10^6 blocks. Budget (DESIGN.md §7): ≥ 200,000
+events/s, ≥ 0.5× the raw parse, and the cost per event flat across host sizes (here: the largest
+host's no more than 1.25× the smallest's)."""
 
 import json
 import os
@@ -28,6 +30,10 @@ SNAPSHOT_EVERY = 1000                 # events between reads of the views
 TEMPLATES = os.path.join(os.path.dirname(HOST), "lab-6.1", "trace.jsonl")   # header, events
 PAGE, BLOCK = 4096, 128 << 20
 PER_BLOCK = BLOCK // PAGE
+# a sysfs offline and online as 6.1's probes record them: the outer call, and the zone's
+# change it makes inside
+CALLS = {"offline": ("offline_pages", "remove_pfn_range_from_zone"),
+         "online": ("online_pages", "move_pfn_range_to_zone")}
 
 
 def generate(path, events, blocks):
@@ -35,8 +41,12 @@ def generate(path, events, blocks):
     with open(TEMPLATES) as f:
         records = [json.loads(line) for line in f]
     header = dict(records[0], start_monotonic_ns=10**9)
-    template = {fn: next(r for r in records if r.get("fn") == fn and r.get("ret") == 0)
-                for fn in ("offline_pages", "online_pages")}
+    # a write to memoryN/state calls the outer function, which calls the inner
+    callers = {fn: caller for outer, inner in CALLS.values()
+               for fn, caller in ((outer, "memory_subsys_"), (inner, outer + " "))}
+    template = {fn: next(r for r in records if r.get("fn") == fn and r.get("ret") in (0, None)
+                         and r["caller"].startswith(caller))
+                for fn, caller in callers.items()}
     view = formats.snapshot_record(snapshot.take(HOST), 0, 0, 0)
     first = max(r["last_block"] for r in view["memory_blocks"]) + 1
     movable = blocks - sum(r["last_block"] - r["first_block"] + 1 for r in view["memory_blocks"])
@@ -65,22 +75,26 @@ def generate(path, events, blocks):
             ts, snapshots = ts + 2 * 10**6, snapshots + 1
         write(header)
         read_views()
-        for i in range(events):
+        for i in range(events // 2):
             block = first + 1 + i // 2 % (movable - 2)      # never an edge: the span stays
-            offline = i % 2 == 0
-            before = present if offline else present - PER_BLOCK
-            after = present - PER_BLOCK if offline else present
-            fn = "offline_pages" if offline else "online_pages"
-            write(dict(template[fn], seq=seq, ts_ns=ts, duration_ns=10**5,
-                       start_pfn=block * PER_BLOCK, nr_pages=PER_BLOCK,
-                       span_before=dict(span, present=before), span_after=dict(span, present=after)))
-            write({"type": "uevent", "action": "offline" if offline else "online",
-                   "block": block, "seqnum": seq, "ts_ns": ts + 2 * 10**5})
-            seq, ts = seq + 1, ts + 10**6
+            action = "offline" if i % 2 == 0 else "online"
+            outer, inner = CALLS[action]
+            fewer, more = dict(span, present=present - PER_BLOCK), dict(span, present=present)
+            pfns = {"start_pfn": block * PER_BLOCK, "nr_pages": PER_BLOCK}
+            # the zone's present pages move in the outer call, around the inner one (after
+            # remove_pfn_range_from_zone, before move_pfn_range_to_zone): the inner sees fewer
+            spans = ((more, fewer) if action == "offline" else (fewer, more), (fewer, fewer))
+            for k, (fn, (before, after)) in enumerate(zip((outer, inner), spans)):
+                write(dict(template[fn], seq=seq + k, ts_ns=ts + k * 10**4,
+                           duration_ns=10**5 // (1 + 9 * k), **pfns,
+                           span_before=before, span_after=after))
+            write({"type": "uevent", "action": action, "block": block, "seqnum": seq,
+                   "ts_ns": ts + 2 * 10**5})
+            seq, ts = seq + 2, ts + 10**6
             if seq % SNAPSHOT_EVERY == 0:
                 ts += 2 * 10**9   # the views read a while after: settled
                 read_views()
-    return events, snapshots
+    return events // 2 * 2, snapshots
 
 
 def parse_seconds(path, loads):

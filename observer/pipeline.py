@@ -12,12 +12,15 @@ def replay(path):
     model = Model()
     found = []
     lineno = 0
+    feed = model.feed
     for lineno, rec in read_trace_lines(path):
         try:
-            found += model.feed(rec)
+            said = feed(rec)
         except (RecordError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
             raise TraceError(path, lineno, f"{rec['type']} record the model cannot read: "
                                            f"{type(e).__name__}: {e}") from None
+        if said:
+            found += said
     try:
         found += model.finish()
     except (RecordError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

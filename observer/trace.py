@@ -133,10 +133,11 @@ def read_trace_lines(path):
             except (KeyError, TypeError, IndexError):   # not an object, or no known type
                 raise TraceError(path, lineno, "unknown record type "
                                  f"{rec.get('type') if type(rec) is dict else rec!r}") from None
-            if lineno == 1 and kind != "header":
+            if kind == "header":
+                if (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
+                    raise TraceError(path, lineno, f"not a {FORMAT} v{VERSION} trace")
+            elif lineno == 1:
                 raise TraceError(path, lineno, "the first line must be the header")
-            if kind == "header" and (rec.get("format"), rec.get("version")) != (FORMAT, VERSION):
-                raise TraceError(path, lineno, f"not a {FORMAT} v{VERSION} trace")
             if not required <= rec.keys():
                 missing = [k for k in REQUIRED[kind] if k not in rec]
                 raise TraceError(path, lineno, f"{kind} without {', '.join(missing)}")

@@ -136,23 +136,24 @@ class Model:
             return []
         if self.header is None:
             raise ValueError("a record before the trace header")
-        out = []
         if kind != "snapshot":
             self.quiet = None
+        out = []
         if kind != "skipped":   # every other record has a time, kept for later comparisons
             ts = rec["ts_ns"]
             if type(ts) is not int or ts < 0:
                 raise RecordError(f"ts_ns {ts!r} is not a CLOCK_MONOTONIC time in ns")
-            if kind != "lost" and self.pending:
-                out += self._judge_held(ts)
+            if self.pending and kind != "lost":
+                out = self._judge_held(ts)
+        # most of a trace is events and their uevents
         if kind == "event":
             out += self._event(rec)
+        elif kind == "uevent":
+            self.uevent_times.append(ts)
         elif kind == "snapshot":
             out += self._snapshot(rec)
         elif kind == "begun":
-            self.in_flight[rec["seq"]] = (rec["ts_ns"], rec.get("fn"), rec.get("tid"))
-        elif kind == "uevent":
-            self.uevent_times.append(rec["ts_ns"])
+            self.in_flight[rec["seq"]] = (ts, rec.get("fn"), rec.get("tid"))
         elif kind in ("lost", "skipped"):
             out += self._lost(rec)
         return self._report(out) if out else out
