@@ -31,25 +31,28 @@ class Btf:
             raise BtfError(f"{path}: not BTF (magic {magic:#x})")
         type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
         self.strings = data[hdr_len + str_off:hdr_len + str_off + str_len]
-        self.types = [None]          # type id 0 is void
-        self.funcs = {}              # name -> FUNC type id
-        self.enums = {}              # name -> type id
-        self.structs = {}            # name -> type id (complete definitions only)
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
-            kind, vlen, kind_flag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            fixed, per_item = _EXTRA.get(kind, (0, 0))
-            body = pos + 12
-            self.types.append((kind, name_off, size_or_type, vlen, body, kind_flag))
-            if kind == FUNC:
-                self.funcs[self._str(name_off)] = len(self.types) - 1
-            elif kind in (ENUM, ENUM64) and name_off:
-                self.enums[self._str(name_off)] = len(self.types) - 1
-            elif kind == STRUCT and name_off:
-                self.structs.setdefault(self._str(name_off), len(self.types) - 1)
-            pos = body + fixed + per_item * vlen
         self.data = data
+        # where each type's record begins (type id 0 is void), and the types found by name
+        # keyed by the offset of their name: a name is decoded only when asked for, which
+        # halves the walk (under TCG it took 2 s of a daemon's start)
+        self.offsets = [0]
+        self.funcs, self.enums, self.structs = {}, {}, {}   # name offset -> type id
+        named = {FUNC: self.funcs, ENUM: self.enums, ENUM64: self.enums}
+        head = struct.Struct("<II").unpack_from
+        extra = [_EXTRA.get(kind, (0, 0)) for kind in range(32)]
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        offsets = self.offsets
+        while pos < end:
+            name_off, info = head(data, pos)
+            kind = (info >> 24) & 0x1F
+            offsets.append(pos)
+            if kind == STRUCT:
+                if name_off:
+                    self.structs.setdefault(name_off, len(offsets) - 1)   # its first definition
+            elif kind in named and name_off:
+                named[kind][name_off] = len(offsets) - 1
+            fixed, per_item = extra[kind]
+            pos += 12 + fixed + per_item * (info & 0xFFFF)
 
     @classmethod
     def load(cls, path=BTF_PATH):
@@ -62,11 +65,28 @@ class Btf:
     def _str(self, off):
         return self.strings[off:self.strings.index(b"\0", off)].decode()
 
+    def _type(self, tid):
+        """(kind, name offset, size or type, vlen, offset of what follows, kind_flag)."""
+        pos = self.offsets[tid]
+        name_off, info, size_or_type = struct.unpack_from("<III", self.data, pos)
+        return (info >> 24) & 0x1F, name_off, size_or_type, info & 0xFFFF, pos + 12, info >> 31
+
+    def _named(self, index, name):
+        """The type id of `name` in one of the by-name indexes, or None."""
+        wanted = b"\0" + name.encode() + b"\0"
+        at = self.strings.find(wanted)
+        while at >= 0:   # the kernel's strings are deduplicated; a copy would be found too
+            tid = index.get(at + 1)
+            if tid is not None:
+                return tid
+            at = self.strings.find(wanted, at + 1)
+        return None
+
     def type_name(self, tid):
         """C spelling of a type: "u64", "struct zone *", "int", "const char *"."""
         if tid == 0:
             return "void"
-        kind, name_off, ref, _vlen, _body, kind_flag = self.types[tid]
+        kind, name_off, ref, _vlen, _body, kind_flag = self._type(tid)
         if kind == PTR:
             inner = self.type_name(ref)
             return inner + ("*" if inner.endswith("*") else " *")
@@ -87,14 +107,14 @@ class Btf:
         struct or union as itself (declared ahead: `struct zone;`), any other pointer void *."""
         if tid == 0:
             return "void"
-        kind, name_off, ref, _vlen, body, kind_flag = self.types[tid]
+        kind, name_off, ref, _vlen, body, kind_flag = self._type(tid)
         if kind in _SEE_THROUGH:
             return self.plain_type_name(ref)
         if kind == PTR:
             target = ref
-            while target and self.types[target][0] in _SEE_THROUGH:
-                target = self.types[target][2]
-            pointee = self.types[target][0] if target else None
+            while target and self._type(target)[0] in _SEE_THROUGH:
+                target = self._type(target)[2]
+            pointee = self._type(target)[0] if target else None
             return self.type_name(target) + " *" if pointee in (STRUCT, UNION, FWD) else "void *"
         if kind == INT:
             encoding = struct.unpack_from("<I", self.data, body)[0] >> 24
@@ -108,11 +128,11 @@ class Btf:
     def func_params(self, name, plain=False):
         """[(param name, C type)] of a kernel function, or None when BTF has no such function
         (absent, or inlined everywhere). plain: the types as plain_type_name spells them."""
-        fid = self.funcs.get(name)
+        fid = self._named(self.funcs, name)
         if fid is None:
             return None
-        proto = self.types[fid][2]
-        kind, _n, _ret, vlen, body, _kf = self.types[proto]
+        proto = self._type(fid)[2]
+        kind, _n, _ret, vlen, body, _kf = self._type(proto)
         if kind != FUNC_PROTO:
             raise BtfError(f"{self.path}: FUNC {name} does not point at a FUNC_PROTO")
         params = []
@@ -123,27 +143,27 @@ class Btf:
         return params
 
     def func_return(self, name, plain=False):
-        fid = self.funcs.get(name)
+        fid = self._named(self.funcs, name)
         spell = self.plain_type_name if plain else self.type_name
-        return None if fid is None else spell(self.types[self.types[fid][2]][2])
+        return None if fid is None else spell(self._type(self._type(fid)[2])[2])
 
     def struct_members(self, name):
         """{member: C type} of `struct name` (anonymous unions' members included), or None."""
-        tid = self.structs.get(name)
+        tid = self._named(self.structs, name)
         return None if tid is None else {m: t for m, (_off, t) in self._members(tid, 0).items()}
 
     def struct_offsets(self, name):
         """{member: byte offset} of `struct name` (anonymous members' own members at their
         place in it), or None: where the running kernel keeps each field."""
-        tid = self.structs.get(name)
+        tid = self._named(self.structs, name)
         return None if tid is None else {m: off for m, (off, _t) in self._members(tid, 0).items()}
 
     def struct_size(self, name):
-        tid = self.structs.get(name)
-        return None if tid is None else self.types[tid][2]
+        tid = self._named(self.structs, name)
+        return None if tid is None else self._type(tid)[2]
 
     def _members(self, tid, base):
-        _kind, _n, _size, vlen, body, kind_flag = self.types[tid]
+        _kind, _n, _size, vlen, body, kind_flag = self._type(tid)
         out = {}
         for i in range(vlen):
             name_off, mtid, bits = struct.unpack_from("<III", self.data, body + 12 * i)
@@ -151,16 +171,16 @@ class Btf:
             offset = base + ((bits & 0xFFFFFF) if kind_flag else bits) // 8
             if name_off:
                 out[self._str(name_off)] = (offset, self.type_name(mtid))
-            elif self.types[mtid][0] in (STRUCT, UNION):
+            elif self._type(mtid)[0] in (STRUCT, UNION):
                 out.update(self._members(mtid, offset))
         return out
 
     def enum_values(self, name):
         """{ENUMERATOR: value} of `enum name`, or None when BTF has no such enum."""
-        tid = self.enums.get(name)
+        tid = self._named(self.enums, name)
         if tid is None:
             return None
-        kind, _n, _size, vlen, body, _kf = self.types[tid]
+        kind, _n, _size, vlen, body, _kf = self._type(tid)
         out = {}
         for i in range(vlen):
             if kind == ENUM:
