@@ -51,3 +51,19 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
     for module in bench.BENCHMARKS:
         assert " ".join(module.__doc__.split()) in text
     assert (tmp_path / bench.PLOT).stat().st_size > 0
+
+
+def test_a_lab_that_fails_keeps_what_the_host_measured(tmp_path):
+    # no lab kernels where the lab looks: its benchmarks fail, the host's are reported
+    out = tmp_path / "BENCHMARKS.md"
+    run = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MEMHP_LAB_CACHE=str(tmp_path / "no-lab")))
+    assert run.returncode != 0
+    said = run.stderr.strip().splitlines()[-1]
+    assert said.startswith("bench: the lab: ") and "--no-lab leaves it out" in said
+    text = out.read_text()
+    assert f"**Not all measured**: {said.removeprefix('bench: ')}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert any(r.startswith("| replay throughput |") for r in rows)
+    assert not any("Debian 6.12 guest" in r for r in rows)
