@@ -5,6 +5,7 @@ numbers with no event: lost; `count` consecutive numbers from `seq`, 1 when abse
 streams and names the file and line of anything malformed."""
 
 import json
+import operator
 import os
 
 import orjson
@@ -24,7 +25,8 @@ REQUIRED = {
     "skipped": ("seq", "reason"),
 }
 
-_REQUIRED_KEYS = {kind: frozenset(keys) for kind, keys in REQUIRED.items()}   # one look per record
+# one C call per record: raises KeyError when a field is missing
+_HAS_REQUIRED = {kind: operator.itemgetter(*keys) for kind, keys in REQUIRED.items()}
 
 
 class TraceError(Exception):
@@ -129,7 +131,7 @@ def read_trace_lines(path):
                 raise TraceError(path, lineno, f"not JSON ({e.msg})") from None
             try:
                 kind = rec["type"]
-                required = _REQUIRED_KEYS[kind]
+                has_required = _HAS_REQUIRED[kind]
             except (KeyError, TypeError, IndexError):   # not an object, or no known type
                 raise TraceError(path, lineno, "unknown record type "
                                  f"{rec.get('type') if type(rec) is dict else rec!r}") from None
@@ -138,7 +140,9 @@ def read_trace_lines(path):
                     raise TraceError(path, lineno, f"not a {FORMAT} v{VERSION} trace")
             elif lineno == 1:
                 raise TraceError(path, lineno, "the first line must be the header")
-            if not required <= rec.keys():
+            try:
+                has_required(rec)
+            except KeyError:
                 missing = [k for k in REQUIRED[kind] if k not in rec]
-                raise TraceError(path, lineno, f"{kind} without {', '.join(missing)}")
+                raise TraceError(path, lineno, f"{kind} without {', '.join(missing)}") from None
             yield lineno, rec

@@ -255,7 +255,7 @@ class Model:
         why = self._unsettled(snap, rec, content, previous)
         r1 = rec["ts_ns"]
         # the model's state is of this read only if no call came after it (a held snapshot)
-        moved = any(ts >= r1 for ts, _ in self.calls)
+        moved = bool(self.calls) and max(self.calls)[0] >= r1
         # what ended before this read cannot touch the reads after it
         self.calls = [(ts, end) for ts, end in self.calls if end >= r1]
         self.uevent_times = [ts for ts in self.uevent_times if ts >= r1 - SETTLE_NS]
