@@ -36,6 +36,7 @@ class Btf:
         # keyed by the offset of their name: a name is decoded only when asked for, which
         # halves the walk (under TCG it took 2 s of a daemon's start)
         self.offsets = [0]
+        self._found = {}     # name -> where it is in the string table (_name_offsets)
         self.funcs, self.enums, self.structs = {}, {}, {}   # name offset -> type id
         named = {FUNC: self.funcs, ENUM: self.enums, ENUM64: self.enums}
         head = struct.Struct("<II").unpack_from
@@ -73,14 +74,19 @@ class Btf:
 
     def _named(self, index, name):
         """The type id of `name` in one of the by-name indexes, or None."""
-        wanted = b"\0" + name.encode() + b"\0"
-        at = self.strings.find(wanted)
-        while at >= 0:   # the kernel's strings are deduplicated; a copy would be found too
-            tid = index.get(at + 1)
-            if tid is not None:
-                return tid
-            at = self.strings.find(wanted, at + 1)
-        return None
+        return next((index[at] for at in self._name_offsets(name) if at in index), None)
+
+    def _name_offsets(self, name):
+        """Where `name` is in the string table (the kernel's strings are deduplicated: once,
+        but a copy would be found too); each name is looked for once, as a probe's function
+        is asked its parameters, its return and their plain spellings."""
+        found = self._found.get(name)
+        if found is None:
+            wanted, found, at = b"\0" + name.encode() + b"\0", [], -1
+            while (at := self.strings.find(wanted, at + 1)) >= 0:
+                found.append(at + 1)
+            self._found[name] = found
+        return found
 
     def type_name(self, tid):
         """C spelling of a type: "u64", "struct zone *", "int", "const char *"."""
