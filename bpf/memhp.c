@@ -127,15 +127,18 @@ static __always_inline void read_res(struct event *e, u64 ptr) {
     bpf_probe_read_kernel_str(&e->res_name, sizeof(e->res_name), (void *)name);
 }
 
-// Where the kernel keeps vmemmap's base (randomized per boot), from kallsyms; 0 when unknown.
-#define VMEMMAP_BASE_SYM @VMEMMAP_BASE@
+// [0]: where the kernel keeps vmemmap's base (randomized per boot), from kallsyms; 0 when
+// unknown. A map, not a constant, so that the compiled program outlives a boot (image.py).
+BPF_ARRAY(kernel_addresses, u64, 1);
 
 // The page an annotation names: its address, the vmemmap base (Python makes the pfn of the two),
 // its flags and refcount, and the kernel's reason, as dump_page() would print them.
 static __always_inline void read_blocker(struct event *e, u64 page, u64 reason) {
+    int k = 0;
+    u64 *vmemmap_base = kernel_addresses.lookup(&k);
     e->blocker_page = plain(page);
-    if (VMEMMAP_BASE_SYM)
-        read_at(&e->blocker_vmemmap, sizeof(e->blocker_vmemmap), VMEMMAP_BASE_SYM, 0);
+    if (vmemmap_base && *vmemmap_base)
+        read_at(&e->blocker_vmemmap, sizeof(e->blocker_vmemmap), *vmemmap_base, 0);
     read_at(&e->blocker_flags, sizeof(e->blocker_flags), page, OFF(page, flags));
     read_at(&e->blocker_refcount, sizeof(e->blocker_refcount), page, OFF(page, _refcount));
     bpf_probe_read_kernel_str(&e->blocker_reason, sizeof(e->blocker_reason), (void *)plain(reason));

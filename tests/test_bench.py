@@ -30,7 +30,9 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
         ("replay throughput", "2,000 events, 1,000 blocks"),
         ("idle daemon CPU, procfs mode, 10 s reconcile", "this host"),
         *((name, "Debian 6.12 guest (TCG)") for name in (
-            "start-up to READY, BPF mode (kprobes), median of 1",
+            "start-up to READY, BPF mode (kprobes, the program kept from the first start), "
+            "median of 1",
+            "start-up to READY, the first on this kernel (bcc compiles the program and keeps it)",
             "start-up, bcc's own: an empty program on the 4 core kprobes, median of 1",
             "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
             *(f"probe overhead, {method}, {which}, median of {n} cycles"

@@ -32,6 +32,7 @@ from test_service import UNIT, status_capabilities, unit_capabilities
 SERIES = "6.12"
 STATE = "/var/lib/memhp-observer"   # StateDirectory=
 JOURNAL = f"{STATE}/anomalies.jsonl"
+CACHE = "/var/cache/memhp-observer"   # CacheDirectory=
 WATCHDOG_SECONDS = 20
 
 
@@ -75,6 +76,9 @@ def service(tmp_path_factory):
         # the guest's root is the cached userland shared from this machine, whose writeback
         # can put the rest of a line a SIGKILL tore after the restarted daemon's next line
         guest.sh(f"mkdir -p {STATE} && mount -t tmpfs -o mode=0755 memhp-state {STATE}")
+        # and its cache directory, which a run kept in the userland would leave to the next: its
+        # first start here compiles the probes
+        guest.sh(f"mkdir -p {CACHE} && mount -t tmpfs -o mode=0755 memhp-cache {CACHE}")
         guest.sh(f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.service /etc/systemd/system/ && "
                  f"cp {CHECKOUT_IN_GUEST}/systemd/memhp-observer.env /etc/default/memhp-observer && "
                  f"mkdir -p /etc/systemd/system/memhp-observer.service.d && "
@@ -170,6 +174,17 @@ def test_the_unit_is_ready_with_every_probe_the_kernel_has(service):
     n = sum(fn in have for fn, _ in attached)
     assert started["StatusText"] == (f"BPF mode: {n} of {len(attached)} functions attached; "
                                      f"serving /metrics on 127.0.0.1:9477")
+
+
+def test_the_restarted_daemon_loads_the_program_its_first_start_kept(service):
+    """The first start compiles the probes (bcc) and keeps them in the unit's CacheDirectory;
+    the two restarts (the watchdog's, the SIGKILL's) load them from there, with no compile, and
+    the second watched the storm through them (the storm's test)."""
+    log = service["storm_unit_log"]
+    assert log.count(f"probes compiled, kept for the next start in {CACHE}\n") == 1
+    loaded = re.findall(rf"probes compiled for this kernel before: loaded from "
+                        rf"({CACHE}/[0-9a-f]{{64}}\.json)$", log, re.M)
+    assert len(loaded) == 2 and len(set(loaded)) == 1
 
 
 def test_the_daemon_has_exactly_the_units_capabilities(service):

@@ -1,5 +1,5 @@
-"""bcc: compile the program for the running kernel, attach each watched function, and hand
-decoded events to the caller in call order. The one module that imports bcc.
+"""Compile the program for the running kernel (bcc, or the image kept from an earlier compile),
+attach each watched function, and hand decoded events to the caller in call order.
 
 Attach strategy (DESIGN.md §2): a kprobe+kretprobe pair per function where the kernel has
 kprobes; else fentry/fexit (bcc's kfunc), tried for real since bcc's support_kfunc() says yes
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from . import program, threads
+from . import bpfsys, image, program, threads
 from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
 from .decode import decode
@@ -113,7 +113,8 @@ def has_ringbuf(names):
 
 class Probes:
     def __init__(self, functions=ALL, strict=False, method="auto",
-                 page_size=os.sysconf("SC_PAGE_SIZE"), kallsyms="/proc/kallsyms"):
+                 page_size=os.sysconf("SC_PAGE_SIZE"), kallsyms="/proc/kallsyms",
+                 cache=None):
         if method not in ("auto", "kprobe", "kfunc"):
             raise ProbeError(f"unknown probe method {method!r}")
         self.functions = functions
@@ -121,8 +122,14 @@ class Probes:
         self.strict = strict
         self.method = method
         self.page_size = page_size
+        self.cache = image.cache_dir() if cache is None else cache
         self.status = {}
-        self.bpf = None
+        self.bpf = None              # bcc's object, for fentry and for a kernel without ringbuf
+        self.loaded = None           # the kprobe program's image, loaded (image.Loaded)
+        self._image = None           # that image, once compiled or found in the cache
+        self._map_fds = {}
+        self._output = None
+        self._perf_fds = []          # one per kprobe: closing it takes the kprobe away
         self.order = CallOrder(in_flight=self._in_flight)
         self.pairing = Pairing()
         self.ksyms = Ksyms()
@@ -186,10 +193,8 @@ class Probes:
         indexed = {index(fn): s for fn, s in self.shapes.items()}
         annotations = {index(fn): index(ANNOTATIONS[fn]) for fn in self.shapes if fn in ANNOTATIONS}
         try:
-            # x86-64's vmemmap_base (KASLR moves it); a dump_page's pfn is read relative to it
             return program.build(indexed, self.layouts, ringbuf=self.ringbuf, method=method,
-                                 annotations=annotations, atomic_fetch=self.atomic_fetch,
-                                 vmemmap_base=self.variables.get("vmemmap_base", 0))
+                                 annotations=annotations, atomic_fetch=self.atomic_fetch)
         except OSError as e:
             raise ProbeError(f"the probes' program {e.filename}: {e.strerror or e} "
                              "(an installation without its bpf/memhp.c?)") from None
@@ -204,9 +209,6 @@ class Probes:
             # without headers bcc runs `modprobe kheaders` by itself: never let it
             raise ProbeError(f"no kernel headers at {headers_dir()}: install "
                              f"linux-headers-{os.uname().release}")
-        # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
-        # first call-to-metric took 4.9 s), done while the program compiles
-        self.ksyms.load_soon()
 
     def compile_soon(self):
         """Plan, then compile the kprobe program in a thread of its own, and return once the
@@ -220,11 +222,7 @@ class Probes:
             try:
                 self.plan()
                 if self.shapes:
-                    self._ready_to_compile()
-                    text = self.text("kprobe")
-                    from bcc import BPF
-                    begun.set()
-                    self.bpf = BPF(text=text, cflags=CFLAGS)
+                    self._compile_kprobes(begun)
             except BaseException as e:
                 self._compile_error = e
             finally:
@@ -246,46 +244,86 @@ class Probes:
         if not self.status:
             self.plan()
         if self.shapes:
-            if self.bpf is None:
-                self._ready_to_compile()
             method = self.status[next(iter(self.shapes))].method
             (self._start_kprobes if method == "kprobe" else self._start_kfuncs)()
         self._strict_check()
-        if self.bpf is not None:
+        if self._map_fds:
             self._pending = []
             # read in place, not by syscall: a map syscall holds its CPU's bpf_prog_active, and a
             # kprobe that fires there meanwhile (the syscall preempted) is skipped (threads.py)
-            self._counters = mmap.mmap(self.bpf[b"counters"].map_fd, mmap.PAGESIZE,
+            self._counters = mmap.mmap(self._map_fds["counters"], mmap.PAGESIZE,
                                        prot=mmap.PROT_READ)
             if self.ringbuf:
-                self.bpf[b"events"].open_ring_buffer(self._on_event)
+                self._output = bpfsys.RingBuffer(self._map_fds["events"], self._on_event)
             else:
-                self.bpf[b"events"].open_perf_buffer(self._on_event, page_cnt=64)
+                self.bpf[b"events"].open_perf_buffer(
+                    lambda _cpu, data, size: self._on_event(data, size), page_cnt=64)
         return self.status
 
+    def _compile_kprobes(self, begun=None):
+        """The kprobe program: with a ring buffer, its image (kept from an earlier start on this
+        kernel, else compiled now and kept); without one (before 5.8), bcc's object, whose perf
+        buffer bcc reads. begun is set once what is left is the compile."""
+        # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
+        # first call-to-metric took 4.9 s), done meanwhile
+        self.ksyms.load_soon()
+        text = self.text("kprobe")
+        if self.ringbuf:
+            self._image = image.cached(self.cache, text)
+            if self._image is not None:
+                return
+        self._ready_to_compile()
+        from bcc import BPF
+        if begun is not None:
+            begun.set()
+        bpf = BPF(text=text, cflags=CFLAGS)
+        if not self.ringbuf:
+            self.bpf = bpf
+            return
+        try:
+            self._image = image.from_bcc(bpf)
+        except image.ImageError as e:
+            raise ProbeError(f"the compiled probes cannot be loaded apart from bcc: {e}") from None
+        finally:
+            bpf.cleanup()
+        image.keep(self.cache, text, self._image)
+
     def _start_kprobes(self):
-        if self.bpf is None:
-            from bcc import BPF
-            self.bpf = BPF(text=self.text("kprobe"), cflags=CFLAGS)
+        if self._image is None and self.bpf is None:
+            self._compile_kprobes()
+        if self._image is not None:
+            try:
+                self.loaded = image.Loaded(self._image)
+            except image.ImageError as e:
+                raise ProbeError(f"the probes' maps: {e}") from None
+            self._map_fds = self.loaded.map_fds
+            program_fd = self.loaded.program
+        else:
+            self._map_fds = {name: self.bpf[name.encode()].map_fd
+                             for name in ("counters", "inflight", "events", "kernel_addresses")}
+            program_fd = lambda name: self.bpf.load_func(name.encode(), self.bpf.KPROBE).fd
+        self._fill_kernel_addresses()
         for fn in self.shapes:
             i, st = self.functions.index(fn), self.status[fn]
+            pair = []
             try:
-                self.bpf.attach_kprobe(event=st.symbol, fn_name=f"enter_{i}")
+                pair.append(bpfsys.attach_kprobe(program_fd(f"enter_{i}"), st.symbol))
                 if fn not in ANNOTATIONS:   # an annotation has an entry probe only
-                    self.bpf.attach_kretprobe(event=st.symbol, fn_name=f"leave_{i}")
+                    pair.append(bpfsys.attach_kprobe(program_fd(f"leave_{i}"), st.symbol,
+                                                     retprobe=True))
                 st.attached = True
-            except Exception as e:   # bcc raises a bare Exception naming the function
+                self._perf_fds += pair
+            except Exception as e:   # bcc's load_func raises a bare Exception
                 st.reason = str(e).strip().splitlines()[-1]
-                for detach in (self.bpf.detach_kprobe, self.bpf.detach_kretprobe):
-                    try:
-                        detach(event=st.symbol)   # both or neither: a half pair stalls the order
-                    except Exception:
-                        pass
+                for fd in pair:     # both or neither: a half pair stalls the order
+                    os.close(fd)
 
     def _start_kfuncs(self):
         """fentry/fexit per function. bcc would attach every kfunc__ program as the object loads
         (all or nothing); here each pair is attached on its own, so one refusal names its
         function and leaves the others observed."""
+        self._ready_to_compile()
+        self.ksyms.load_soon()
         from bcc import BPF
 
         class Manual(BPF):
@@ -299,6 +337,9 @@ class Probes:
         except Exception as e:
             self._unobserved(self.shapes, prefix + "fentry: " + _why(e))
             return
+        self._map_fds = {name: self.bpf[name.encode()].map_fd
+                         for name in ("counters", "inflight", "events", "kernel_addresses")}
+        self._fill_kernel_addresses()
         for fn in self.shapes:
             st = self.status[fn]
             try:
@@ -316,7 +357,12 @@ class Probes:
                 self._unobserved([fn], prefix + "fentry: " + _why(e))
         if not any(self.status[fn].attached for fn in self.shapes):
             self.bpf.cleanup()
-            self.bpf = None
+            self.bpf, self._map_fds = None, {}
+
+    def _fill_kernel_addresses(self):
+        """x86-64's vmemmap_base (KASLR moves it): a dump_page's pfn is read relative to it."""
+        bpfsys.map_update(self._map_fds["kernel_addresses"], ctypes.c_int(0),
+                          ctypes.c_uint64(self.variables.get("vmemmap_base", 0)))
 
     def _unobserved(self, functions, reason):
         for fn in functions:
@@ -328,8 +374,8 @@ class Probes:
             raise ProbeError("core probes not attached: " + "; ".join(
                 f"{fn}: {self.status[fn].reason}" for fn in missing))
 
-    def _on_event(self, _ctx_or_cpu, data, _size):
-        # ring buffer: (ctx, data, size); perf buffer: (cpu, data, size). Copied: bcc reuses data.
+    def _on_event(self, data, _size):
+        # copied: the reader reuses data
         ev = program.Event()
         ctypes.memmove(ctypes.addressof(ev), data, ctypes.sizeof(ev))
         self._pending.append(ev)
@@ -344,7 +390,7 @@ class Probes:
         left are forgotten."""
         self._forget_calls_left()
         running = {}
-        for ev in self.bpf[b"inflight"].values():
+        for _key, ev in self._inflight_items():
             begun = self._decode(ev)
             for returned in ("ret", "duration_ns", "span_after", "pgmap"):
                 begun.pop(returned, None)
@@ -355,22 +401,23 @@ class Probes:
         """Take out of the map of calls in flight each call whose thread has left the function:
         its return probe did not run, and no event will come (the call order writes it
         skipped)."""
-        table = self.bpf[b"inflight"]
-        for key, ev in table.items():
+        fd, now = self._map_fds["inflight"], program.Event()
+        for key, ev in self._inflight_items():
             if threads.left(ev.tid, self.functions[ev.fn], ev.ts_ns):
-                try:
-                    if table[key].seq == ev.seq:   # not the same thread's next call meanwhile
-                        del table[key]
-                except KeyError:
-                    pass
+                # unless it is the same thread's next call meanwhile
+                if bpfsys.map_lookup(fd, key, now) and now.seq == ev.seq:
+                    bpfsys.map_delete(fd, key)
+
+    def _inflight_items(self):
+        return bpfsys.map_items(self._map_fds["inflight"], ctypes.c_uint64, program.Event)
 
     def calls_begun(self):
         """How many calls have taken a number: every call numbered below it entered before now."""
-        return self._counter(0) if self.bpf is not None else 0
+        return self._counter(0) if self._counters is not None else 0
 
     def calls_returned(self):
         """How many calls have returned (their return probe ran)."""
-        return self._counter(2) if self.bpf is not None else 0
+        return self._counter(2) if self._counters is not None else 0
 
     def _counter(self, index):
         """bpf/memhp.c's counters[index]."""
@@ -391,14 +438,11 @@ class Probes:
     def poll(self, timeout_ms=200):
         """Records now in call order (decoded trace events, and `begun`/`skipped` where a call
         held the order up), and the count of newly lost events."""
-        if self.bpf is None:
+        if self._counters is None:
             time.sleep(timeout_ms / 1000)
             return [], 0
-        if self.ringbuf:
-            self.bpf.ring_buffer_poll(timeout=timeout_ms)
-            # and what came without a wakeup: poll reads a ring only when woken, and in a 7.2
-            # guest records sat unread for 10 s until the next call's wakeup
-            self.bpf.ring_buffer_consume()
+        if self._output is not None:
+            self._output.poll(timeout_ms)
         else:
             self.bpf.perf_buffer_poll(timeout=timeout_ms)
         now = time.monotonic()
@@ -417,9 +461,15 @@ class Probes:
 
     def close(self):
         self._compile_ended()   # compile_soon's, never started: it ends first
+        for fd in self._perf_fds:     # the kprobes first, then what they ran
+            os.close(fd)
+        self._perf_fds = []
+        for held in (self._output, self._counters, self.loaded):
+            if held is not None:
+                held.close()
+        self._output = self._counters = self.loaded = None
+        self._map_fds = {}
         if self.bpf is not None:
-            if self._counters is not None:
-                self._counters.close()
             self.bpf.cleanup()
             self.bpf = None
 

@@ -238,10 +238,10 @@ static __always_inline int take_seq(u64 *counter, u64 *seq) {
 
 
 def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotations=None,
-          vmemmap_base=0, atomic_fetch=True):
+          atomic_fetch=True):
     """C text for the given {index: Shape}; indexes are the `fn` values events carry.
     annotations: {index: target index} of the shapes that annotate another call (entry probe
-    only). vmemmap_base: the address of the kernel's vmemmap_base variable (0: not known).
+    only).
     method: "kprobe" (enter_N/leave_N, attached by name) or "kfunc" (fentry/fexit, attached by
     bcc when the program loads). atomic_fetch: whether the verifier takes an atomic
     fetch-and-add (availability.has_atomic_fetch)."""
@@ -261,7 +261,6 @@ def build(shapes, layouts, ringbuf=True, method="kprobe", template=None, annotat
         "@OUTPUT_DECL@": output,
         "@PGMAP_RANGES@": _PGMAP_RANGES if layouts.pgmap_has_range else _PGMAP_RES,
         "@PARAMS_PGMAP@": _PARAMS_PGMAP if layouts.params_has_pgmap else _NO_PARAMS_PGMAP,
-        "@VMEMMAP_BASE@": f"{vmemmap_base:#x}ULL",
         "@TAKE_SEQ@": _SEQ_ATOMIC if atomic_fetch else _SEQ_LOCKED,
         "@PROBES@": "\n".join(_annotation_probe(i, s, annotations[i], method) if i in annotations
                               else _probe_pair(i, s, ringbuf, method)
