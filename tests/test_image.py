@@ -111,6 +111,12 @@ def test_a_cache_file_that_is_corrupt_or_writable_by_others_is_compiled_over(com
             assert image.cached(cache, text) is None
         assert "format 0" in caplog.text
         caplog.clear()
+        with open(path, "w") as f:      # one kept for another text whose checksum is the same
+            f.write(json.dumps({**json.loads(good), "for": "another program"}))
+        with caplog.at_level(logging.WARNING, "memhp-observer"):
+            assert image.cached(cache, text) is None
+        assert "kept for another program or kernel build" in caplog.text
+        caplog.clear()
         with open(path, "w") as f:
             f.write(good)
         os.chmod(path, 0o666)

@@ -14,7 +14,6 @@
 import ctypes
 import os
 import struct
-import subprocess
 import sys
 
 from .functions import CORE
@@ -55,6 +54,7 @@ def try_fentry(function=CORE[0], timeout=120):
     """(loaded, why) for one fentry program on `function`, loaded in a child process."""
     if not os.path.isdir(os.path.join(headers_dir(), "include")):
         return False, f"no kernel headers at {headers_dir()} (install linux-headers-{os.uname().release})"
+    import subprocess   # only here: the daemon's start needs none (a tenth of a second under TCG)
     try:
         child = subprocess.run([sys.executable, "-m", "observer.probes.fentry_try", function],
                                capture_output=True, text=True, timeout=timeout)

@@ -6,7 +6,6 @@ Layouts are the kernel's uapi (linux/bpf.h `union bpf_attr`, linux/perf_event.h
 `struct perf_event_attr`): fields only ever appended, so these offsets hold on every kernel."""
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -177,8 +176,9 @@ _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ct
 
 
 def _libbpf():
-    """libbpf (Debian's libbpf1, which bcc's own library depends on)."""
-    lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+    """libbpf (Debian's libbpf1, which bcc's own library depends on; named, not looked for:
+    ctypes.util's import alone is a tenth of a second under TCG)."""
+    lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
     lib.ring_buffer__new.restype = ctypes.c_void_p
     lib.ring_buffer__new.argtypes = [ctypes.c_int, _SAMPLE_FN, ctypes.c_void_p, ctypes.c_void_p]
     for fn in (lib.ring_buffer__poll, lib.ring_buffer__consume):

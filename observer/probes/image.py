@@ -9,13 +9,11 @@ loading puts the new fds there."""
 
 import base64
 import ctypes
-import hashlib
 import json
 import logging
 import os
-import platform
 import struct
-import tempfile
+import zlib
 from dataclasses import dataclass
 
 from . import bpfsys
@@ -38,13 +36,19 @@ def cache_dir():
     return os.environ.get("CACHE_DIRECTORY", "").split(":")[0] or DEFAULT_DIR
 
 
-def path_of(directory, text):
-    """Where the image of this program text for this kernel build is kept (the text carries
-    the kernel's struct offsets from BTF)."""
+def _identity(text):
+    """What an image is kept for: the program text (it carries the kernel's struct offsets from
+    BTF) and the kernel build."""
     uname = os.uname()
-    key = hashlib.sha256("\0".join((text, uname.release, uname.version, platform.machine()))
-                         .encode()).hexdigest()
-    return os.path.join(directory, key + ".json")
+    return "\0".join((text, uname.release, uname.version, uname.machine))
+
+
+def path_of(directory, text):
+    """Where the image for this text and kernel build is kept: named by a checksum of the two,
+    which the file holds whole (a checksum, not a digest: hashlib's import alone is a tenth of
+    a second under TCG, and the file says whether it is the one)."""
+    return os.path.join(directory, f"{os.uname().release}-"
+                                   f"{zlib.crc32(_identity(text).encode()):08x}.json")
 
 
 @dataclass
@@ -65,17 +69,20 @@ class Image:
     programs: dict        # {name: instructions, map references as map indexes}
     references: dict      # {name: [(instruction index, map index)]}
 
-    def to_json(self):
-        return {"format": FORMAT, "license": self.license, "kern_version": self.kern_version,
+    def to_json(self, text):
+        return {"format": FORMAT, "for": _identity(text),
+                "license": self.license, "kern_version": self.kern_version,
                 "maps": [vars(m) for m in self.maps],
                 "programs": {name: base64.b64encode(insns).decode()
                              for name, insns in self.programs.items()},
                 "references": self.references}
 
     @classmethod
-    def from_json(cls, doc):
+    def from_json(cls, doc, text):
         if doc.get("format") != FORMAT:
             raise ImageError(f"format {doc.get('format')!r}, not {FORMAT}")
+        if doc.get("for") != _identity(text):
+            raise ImageError("kept for another program or kernel build (the same checksum)")
         try:
             return cls(doc["license"], doc["kern_version"], [MapSpec(**m) for m in doc["maps"]],
                        {name: base64.b64decode(insns) for name, insns in doc["programs"].items()},
@@ -155,7 +162,7 @@ def cached(directory, text):
         with open(path, "rb") as f:
             if not _trusted(path, os.fstat(f.fileno())):
                 return None
-            kept = Image.from_json(json.load(f))
+            kept = Image.from_json(json.load(f), text)
         log.info("probes compiled for this kernel before: loaded from %s", path)
         return kept
     except FileNotFoundError:
@@ -170,9 +177,10 @@ def keep(directory, text, image):
     cache that cannot be written is said once and costs only the next start's compile."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        import tempfile   # only here: a start that loads an image needs none
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".image-")
         with os.fdopen(fd, "w") as f:
-            json.dump(image.to_json(), f)
+            json.dump(image.to_json(text), f)
         os.replace(tmp, path_of(directory, text))
         log.info("probes compiled, kept for the next start in %s", directory)
     except OSError as e:

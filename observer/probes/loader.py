@@ -48,42 +48,47 @@ class ProbeStatus:
     symbol: Optional[str] = None  # the kallsyms name attached: the function's own, never a clone
 
 
-def read_kallsyms(path="/proc/kallsyms", variables=("vmemmap_base",)):
-    """(the names of the kernel's functions, {variable: address} of those asked for) in one
-    pass; a variable kallsyms lacks or whose address it hides (0) is left out."""
-    names, addresses = set(), {}
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 3:
+def read_kallsyms(path="/proc/kallsyms", functions=(), variables=("vmemmap_base",)):
+    """(those of `functions` that kallsyms has as text symbols by their own name, {function: its
+    compiler copies (name.isra.0, name.constprop.0, name.part.0)} of those it has only so,
+    {variable: address} of those of `variables` whose address it shows), each name looked for in
+    the text read once: splitting all its 120,000 lines was most of a start's plan under TCG.
+    Clones may drop or reorder arguments, and a .part is not the entry: they are never
+    attached."""
+    with open(path, "rb") as f:
+        text = f.read()
+    present, clones, addresses = set(), {}, {}
+    for name in (*functions, *variables):
+        needle = b" " + name.encode()
+        at = text.find(needle)
+        while at >= 0:
+            # "ADDRESS TYPE NAME", then a newline, or a tab and the module
+            line_end = text.find(b"\n", at) % (len(text) + 1)
+            tab = text.find(b"\t", at, line_end)
+            ends = tab if tab >= 0 else line_end
+            start, at = at, text.find(needle, ends)
+            symbol, suffix = text[start + 1:ends].decode(), text[start + 1 + len(needle) - 1:ends]
+            if start < 2 or text[start - 2:start - 1] != b" " or suffix[:1] not in (b"", b"."):
                 continue
-            if parts[1] in "tTwW":
-                names.add(parts[2])
-            elif parts[2] in variables and int(parts[0], 16):
-                addresses[parts[2]] = int(parts[0], 16)
-    return names, addresses
+            if name in variables:
+                address = int(text[text.rfind(b"\n", 0, start) + 1:start - 2], 16)
+                if not suffix and address:
+                    addresses[name] = address
+            elif text[start - 1:start] in (b"t", b"T", b"w", b"W"):
+                if not suffix:
+                    present.add(name)
+                elif CLONE_SUFFIX.fullmatch(suffix[1:].decode()):
+                    clones.setdefault(name, []).append(symbol)
+    return present, {fn: sorted(c) for fn, c in clones.items() if fn not in present}, addresses
+
+
+CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
 
 
 # clang's warnings about the kernel's own headers, nothing to act on: 6.12's asm/current.h gives
 # __seg_gs twice, and 6.12's and 7.2's asm/ibt.h say nocf_check (ignored: BPF has no CET) — 25
 # lines before the daemon's first at every start
 CFLAGS = ["-Wno-duplicate-decl-specifier", "-Wno-ignored-attributes"]
-
-CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
-
-
-def _clones(functions, names):
-    """{function: the compiler's copies of it (name.isra.0, name.constprop.0, name.part.0)}, in
-    one pass over kallsyms' names (it took seconds under TCG once per function): they may drop
-    or reorder arguments, and a .part is not the entry, so they are never attached."""
-    found = {}
-    prefixes = tuple(fn + "." for fn in functions)
-    for name in names:
-        if prefixes and name.startswith(prefixes):
-            function, _, suffix = name.partition(".")
-            if CLONE_SUFFIX.fullmatch(suffix):
-                found.setdefault(function, []).append(name)
-    return {fn: sorted(clones) for fn, clones in found.items()}
 
 
 @contextlib.contextmanager
@@ -107,8 +112,8 @@ def _why(exc):
     return text
 
 
-def has_ringbuf(names):
-    return "bpf_ringbuf_output" in names
+# the BPF ring buffer's helper: a kernel that has it has the ring buffer (5.8+)
+RINGBUF_HELPER = "bpf_ringbuf_output"
 
 
 class Probes:
@@ -130,6 +135,7 @@ class Probes:
         self._map_fds = {}
         self._output = None
         self._perf_fds = []          # one per kprobe: closing it takes the kprobe away
+        self._ksyms_begun = False
         self.order = CallOrder(in_flight=self._in_flight)
         self.pairing = Pairing()
         self.ksyms = Ksyms()
@@ -147,7 +153,8 @@ class Probes:
             btf = Btf.load()
         except BtfError as e:
             raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
-        names, self.variables = read_kallsyms(self.kallsyms)
+        names, clones_of, self.variables = read_kallsyms(
+            self.kallsyms, (*self.functions, RINGBUF_HELPER))
         kprobes = has_kprobes()
         if self.method == "kprobe" and not kprobes:
             raise ProbeError("--probe-method kprobe: this kernel has no kprobes")
@@ -158,9 +165,8 @@ class Probes:
         except LayoutError as e:
             raise ProbeError(f"{e}: the probes cannot know where to read") from None
         self.shapes = {}
-        self.ringbuf = has_ringbuf(names)
+        self.ringbuf = RINGBUF_HELPER in names
         self.atomic_fetch = has_atomic_fetch()
-        clones_of = _clones([fn for fn in self.functions if fn not in names], names)
         for fn in self.functions:
             shape = shape_of(btf, fn)
             symbol = fn if fn in names else None
@@ -231,6 +237,15 @@ class Probes:
         self._compiling.start()
         begun.wait()
 
+    def _ksyms_soon(self):
+        """The first event's stack needs kallsyms: seconds of parsing under TCG (the lab's first
+        call-to-metric took 4.9 s). Begun while bcc compiles, which lets go of the GIL, or once
+        the probes are attached when nothing compiles: a parse beside a start without a compile
+        would only take turns with it."""
+        if not self._ksyms_begun:
+            self._ksyms_begun = True
+            self.ksyms.load_soon()
+
     def _compile_ended(self):
         if self._compiling is not None:
             self._compiling.join()
@@ -258,21 +273,20 @@ class Probes:
             else:
                 self.bpf[b"events"].open_perf_buffer(
                     lambda _cpu, data, size: self._on_event(data, size), page_cnt=64)
+            self._ksyms_soon()
         return self.status
 
     def _compile_kprobes(self, begun=None):
         """The kprobe program: with a ring buffer, its image (kept from an earlier start on this
         kernel, else compiled now and kept); without one (before 5.8), bcc's object, whose perf
         buffer bcc reads. begun is set once what is left is the compile."""
-        # the first event's stack needs kallsyms: seconds of parsing under TCG (the lab's
-        # first call-to-metric took 4.9 s), done meanwhile
-        self.ksyms.load_soon()
         text = self.text("kprobe")
         if self.ringbuf:
             self._image = image.cached(self.cache, text)
             if self._image is not None:
                 return
         self._ready_to_compile()
+        self._ksyms_soon()
         from bcc import BPF
         if begun is not None:
             begun.set()
@@ -323,7 +337,7 @@ class Probes:
         (all or nothing); here each pair is attached on its own, so one refusal names its
         function and leaves the others observed."""
         self._ready_to_compile()
-        self.ksyms.load_soon()
+        self._ksyms_soon()
         from bcc import BPF
 
         class Manual(BPF):
