@@ -14,7 +14,7 @@ import struct
 import pytest
 
 from observer.probes import bpfsys, image
-from observer.probes.functions import ANNOTATIONS
+from observer.probes.functions import ALL, ANNOTATIONS
 from observer.probes.loader import Probes
 
 
@@ -142,3 +142,18 @@ def test_an_unwritable_cache_costs_only_a_compile(tmp_path, caplog):
         p._compile_kprobes()
     assert p._image is not None and str(blocked) in caplog.text
     assert blocked.read_text() == "not a folder\n"
+
+
+def test_a_plan_kept_gives_the_same_program_and_status(tmp_path):
+    """A start that finds the plan kept for this kernel build reads neither BTF nor kallsyms:
+    what it has is what planning gives."""
+    made, kept = Probes(cache=str(tmp_path)), Probes(cache=str(tmp_path))
+    made._plan_kept_or_made()
+    kept._plan_kept_or_made()
+    assert kept.variables is None and made.variables is not None   # kept: read after attach
+    assert kept.text("kprobe") == made.text("kprobe")
+    assert {fn: vars(st) for fn, st in kept.status.items()} == \
+        {fn: vars(st) for fn, st in made.status.items()}
+    # another code (a probe source changed): planned again
+    other = image.plan_identity(ALL[:3], "auto")
+    assert image.cached_plan(str(tmp_path), other) is None

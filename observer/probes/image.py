@@ -143,49 +143,105 @@ def _references(name, insns, index_of):
     return refs
 
 
-def _trusted(path, st):
+def _trusted(path, st, instead):
     """A file or folder the kernel may be handed code from: ours, and written by us alone."""
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         log.warning("probe image cache: %s is not owned by uid %d or is writable by others: "
-                    "compiling instead", path, os.geteuid())
+                    "%s instead", path, os.geteuid(), instead)
         return False
     return True
 
 
-def cached(directory, text):
-    """The image kept for this text on this kernel, or None (none kept, or one that cannot be
-    trusted or read: the program is then compiled again)."""
-    path = path_of(directory, text)
+def _read_kept(directory, path, parse, instead):
+    """parse(the bytes of a file kept in the cache), or None: none kept, or one that cannot be
+    trusted or read (said: `instead` is what the start does then)."""
     try:
-        if not _trusted(directory, os.stat(directory)):
+        if not _trusted(directory, os.stat(directory), instead):
             return None
         with open(path, "rb") as f:
-            if not _trusted(path, os.fstat(f.fileno())):
+            if not _trusted(path, os.fstat(f.fileno()), instead):
                 return None
-            kept = Image.from_json(json.load(f), text)
-        log.info("probes compiled for this kernel before: loaded from %s", path)
-        return kept
+            return parse(f.read())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, ImageError) as e:
-        log.warning("probe image cache: %s: %s: compiling instead", path, e)
+    except Exception as e:   # a file torn or written by something else: its parse raises anything
+        log.warning("probe image cache: %s: %s: %s instead", path, e, instead)
         return None
+
+
+def _write_kept(directory, path, data, again):
+    """Write a file for the next start, atomically (a start never reads half a file); True once
+    written. A cache that cannot be written is said, and costs only the next start `again`."""
+    import tempfile   # only here: a start that loads what is kept needs none
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".kept-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        log.warning("probe image cache %s: %s: the next start %s again", directory,
+                    e.strerror or e, again)
+        return False
+
+
+def cached(directory, text):
+    """The image kept for this text on this kernel, or None (the program is then compiled)."""
+    path = path_of(directory, text)
+    kept = _read_kept(directory, path, lambda data: Image.from_json(json.loads(data), text),
+                      "compiling")
+    if kept is not None:
+        log.info("probes compiled for this kernel before: loaded from %s", path)
+    return kept
 
 
 def keep(directory, text, image):
-    """Write the image for the next start (atomically: a start never reads half a file). A
-    cache that cannot be written is said once and costs only the next start's compile."""
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        import tempfile   # only here: a start that loads an image needs none
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".image-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(image.to_json(text), f)
-        os.replace(tmp, path_of(directory, text))
+    if _write_kept(directory, path_of(directory, text), json.dumps(image.to_json(text)).encode(),
+                   "compiles"):
         log.info("probes compiled, kept for the next start in %s", directory)
-    except OSError as e:
-        log.warning("probe image cache %s: %s: the next start compiles again", directory,
-                    e.strerror or e)
+
+
+def _code_fingerprint():
+    """What a plan is made by: this package's sources and the program's template (an upgrade
+    changes their sizes or times)."""
+    from .program import template_path
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(os.path.join(here, n) for n in os.listdir(here) if n.endswith(".py"))
+    return "\0".join(f"{p}:{st.st_size}:{st.st_mtime_ns}"
+                      for p in (*paths, template_path()) for st in (os.stat(p),))
+
+
+def plan_identity(functions, method):
+    """What a plan is kept for: the kernel build (its BTF and kallsyms), the functions and
+    method asked, and the code that plans."""
+    uname = os.uname()
+    return "\0".join((uname.release, uname.version, uname.machine, method, *functions,
+                      _code_fingerprint()))
+
+
+def _plan_path(directory, identity):
+    return os.path.join(directory, f"{os.uname().release}-plan-"
+                                   f"{zlib.crc32(identity.encode()):08x}.pickle")
+
+
+def cached_plan(directory, identity):
+    """The plan kept for this identity ({attribute: value} of loader.Probes), or None (the
+    start then plans from BTF and kallsyms)."""
+    import pickle
+
+    def parse(data):
+        kept = pickle.loads(data)
+        if kept.pop("for") != identity:
+            raise ImageError("kept for another kernel build or code (the same checksum)")
+        return kept
+    return _read_kept(directory, _plan_path(directory, identity), parse, "planning")
+
+
+def keep_plan(directory, identity, state):
+    import pickle
+    _write_kept(directory, _plan_path(directory, identity),
+                pickle.dumps({"for": identity, **state}), "plans")
 
 
 class Loaded:

@@ -140,6 +140,7 @@ class Probes:
         self.pairing = Pairing()
         self.ksyms = Ksyms()
         self._counters = None
+        self.variables = {}
         self._compiling = None       # compile_soon's thread, until start() has waited for it
         self._compile_error = None
         self.lost_seen = 0
@@ -217,18 +218,20 @@ class Probes:
                              f"linux-headers-{os.uname().release}")
 
     def compile_soon(self):
-        """Plan, then compile the kprobe program in a thread of its own, and return once the
-        compile has begun (the plan is Python: what the caller does meanwhile would only take
-        turns with it). bcc's clang lets go of the GIL, and under TCG it is most of a start:
-        `run` imports the rest of the daemon meanwhile. start() waits for it, and raises what
-        the plan or the compile raised."""
+        """Plan (or take the plan kept), compile (or take the image kept) and attach the kprobe
+        program in a thread of its own, and return once a compile has begun (the plan is
+        Python: what the caller does meanwhile would only take turns with it). bcc's clang, and
+        the attaching's syscalls, let go of the GIL: `run` imports the rest of the daemon
+        meanwhile. start() waits for it, and raises what the thread raised."""
         begun = threading.Event()
 
         def compile_kprobes():
             try:
-                self.plan()
+                self._plan_kept_or_made()
                 if self.shapes:
                     self._compile_kprobes(begun)
+                    # and attached here too: mostly syscalls, beside the caller's imports
+                    self._start_kprobes()
             except BaseException as e:
                 self._compile_error = e
             finally:
@@ -236,6 +239,25 @@ class Probes:
         self._compiling = threading.Thread(target=compile_kprobes, name="compile", daemon=True)
         self._compiling.start()
         begun.wait()
+
+    PLANNED = ("status", "shapes", "layouts", "ringbuf", "atomic_fetch")
+
+    def _plan_kept_or_made(self):
+        """The plan kept for this kernel build and code (no BTF, no kallsyms: over a second
+        under TCG), else made and kept."""
+        lacking = missing_privilege()
+        if lacking:
+            raise ProbeError(lacking)
+        identity = image.plan_identity(self.functions, self.method)
+        kept = image.cached_plan(self.cache, identity) if self.kallsyms == "/proc/kallsyms" \
+            else None
+        if kept is not None:
+            for name in self.PLANNED:
+                setattr(self, name, kept[name])
+            self.variables = None    # per boot: read once the probes are attached
+            return
+        self.plan()
+        image.keep_plan(self.cache, identity, {n: getattr(self, n) for n in self.PLANNED})
 
     def _ksyms_soon(self):
         """The first event's stack needs kallsyms: seconds of parsing under TCG (the lab's first
@@ -258,7 +280,7 @@ class Probes:
             raise self._compile_error
         if not self.status:
             self.plan()
-        if self.shapes:
+        if self.shapes and not self._map_fds:
             method = self.status[next(iter(self.shapes))].method
             (self._start_kprobes if method == "kprobe" else self._start_kfuncs)()
         self._strict_check()
@@ -374,9 +396,22 @@ class Probes:
             self.bpf, self._map_fds = None, {}
 
     def _fill_kernel_addresses(self):
-        """x86-64's vmemmap_base (KASLR moves it): a dump_page's pfn is read relative to it."""
-        bpfsys.map_update(self._map_fds["kernel_addresses"], ctypes.c_int(0),
-                          ctypes.c_uint64(self.variables.get("vmemmap_base", 0)))
+        """x86-64's vmemmap_base (KASLR moves it): a dump_page's pfn is read relative to it.
+        A kept plan has not read kallsyms: it is read beside the start."""
+        fd = self._map_fds["kernel_addresses"]
+
+        def fill():
+            if self.variables is None:
+                self.variables = read_kallsyms(self.kallsyms)[2]
+            try:
+                bpfsys.map_update(fd, ctypes.c_int(0),
+                                  ctypes.c_uint64(self.variables.get("vmemmap_base", 0)))
+            except bpfsys.BpfError:   # the probes closed meanwhile
+                pass
+        if self.variables is None:
+            threading.Thread(target=fill, name="kernel addresses", daemon=True).start()
+        else:
+            fill()
 
     def _unobserved(self, functions, reason):
         for fn in functions:
