@@ -157,3 +157,16 @@ def test_a_plan_kept_gives_the_same_program_and_status(tmp_path):
     # another code (a probe source changed): planned again
     other = image.plan_identity(ALL[:3], "auto")
     assert image.cached_plan(str(tmp_path), other) is None
+
+
+def test_a_plan_from_another_kallsyms_is_neither_kept_nor_taken(tmp_path):
+    copy = tmp_path / "kallsyms"
+    copy.write_bytes(open("/proc/kallsyms", "rb").read())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    Probes(cache=str(cache), kallsyms=str(copy))._plan_kept_or_made()
+    assert os.listdir(cache) == []
+    Probes(cache=str(cache))._plan_kept_or_made()
+    other = Probes(cache=str(cache), kallsyms=str(copy))
+    other._plan_kept_or_made()
+    assert other.variables is not None      # planned from its own kallsyms, not the kept plan

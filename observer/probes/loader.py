@@ -245,19 +245,21 @@ class Probes:
     def _plan_kept_or_made(self):
         """The plan kept for this kernel build and code (no BTF, no kallsyms: over a second
         under TCG), else made and kept."""
-        lacking = missing_privilege()
+        identity = image.plan_identity(self.functions, self.method)
+        # a plan made from another kallsyms (a test's) is neither taken nor kept
+        this_kernel = self.kallsyms == "/proc/kallsyms"
+        kept = image.cached_plan(self.cache, identity) if this_kernel else None
+        if kept is None:
+            self.plan()
+            if this_kernel:
+                image.keep_plan(self.cache, identity, {n: getattr(self, n) for n in self.PLANNED})
+            return
+        lacking = missing_privilege()   # plan() asks it where the plan is made
         if lacking:
             raise ProbeError(lacking)
-        identity = image.plan_identity(self.functions, self.method)
-        kept = image.cached_plan(self.cache, identity) if self.kallsyms == "/proc/kallsyms" \
-            else None
-        if kept is not None:
-            for name in self.PLANNED:
-                setattr(self, name, kept[name])
-            self.variables = None    # per boot: read once the probes are attached
-            return
-        self.plan()
-        image.keep_plan(self.cache, identity, {n: getattr(self, n) for n in self.PLANNED})
+        for name in self.PLANNED:
+            setattr(self, name, kept[name])
+        self.variables = None    # per boot: read once the probes are attached
 
     def _ksyms_soon(self):
         """The first event's stack needs kallsyms: seconds of parsing under TCG (the lab's first
@@ -335,8 +337,7 @@ class Probes:
             self._map_fds = self.loaded.map_fds
             program_fd = self.loaded.program
         else:
-            self._map_fds = {name: self.bpf[name.encode()].map_fd
-                             for name in ("counters", "inflight", "events", "kernel_addresses")}
+            self._map_fds = self._bcc_map_fds()
             program_fd = lambda name: self.bpf.load_func(name.encode(), self.bpf.KPROBE).fd
         self._fill_kernel_addresses()
         for fn in self.shapes:
@@ -373,8 +374,7 @@ class Probes:
         except Exception as e:
             self._unobserved(self.shapes, prefix + "fentry: " + _why(e))
             return
-        self._map_fds = {name: self.bpf[name.encode()].map_fd
-                         for name in ("counters", "inflight", "events", "kernel_addresses")}
+        self._map_fds = self._bcc_map_fds()
         self._fill_kernel_addresses()
         for fn in self.shapes:
             st = self.status[fn]
@@ -394,6 +394,10 @@ class Probes:
         if not any(self.status[fn].attached for fn in self.shapes):
             self.bpf.cleanup()
             self.bpf, self._map_fds = None, {}
+
+    def _bcc_map_fds(self):
+        return {name: self.bpf[name.encode()].map_fd
+                for name in ("counters", "inflight", "events", "kernel_addresses")}
 
     def _fill_kernel_addresses(self):
         """x86-64's vmemmap_base (KASLR moves it): a dump_page's pfn is read relative to it.
