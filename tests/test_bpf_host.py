@@ -92,3 +92,47 @@ def _getppid_loop(n, together):
     together.wait()
     for _ in range(n):
         os.getppid()
+
+
+def test_records_that_follow_a_wakeup_are_read_with_it():
+    """The ring buffer's reader lets the records after a wakeup gather before it reads: the
+    kernel then wakes no one for them (it wakes the reader only for a record with none unread
+    before it). A record each time this thread calls getppid(): one, then three more within
+    the gathering, all read by the one poll the first woke; and one more after, which the
+    kernel announces again, read by the next."""
+    import threading
+    from bcc import BPF
+    from observer.probes.bpfsys import RingBuffer
+    tid = threading.get_native_id()
+    b = BPF(text=r"""
+BPF_RINGBUF_OUTPUT(events, 8);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
+    u32 tid = bpf_get_current_pid_tgid();
+    if (tid == %d)
+        events.ringbuf_output(&tid, sizeof(tid), 0);
+    return 0;
+}
+""" % tid)
+    assert RingBuffer.GATHER_SECONDS >= 0.01
+    got, per_poll = [], []
+    reader = RingBuffer(b[b"events"].map_fd, lambda data, size: got.append(size))
+    try:
+        def poll_once():
+            reader.poll(5000)
+            per_poll.append(len(got))
+        polling = threading.Thread(target=poll_once)
+        polling.start()
+        time.sleep(0.3)                      # the reader waits in its poll
+        os.getppid()
+        time.sleep(0.005)                    # the reader would have read the first by now
+        for _ in range(3):
+            os.getppid()
+        polling.join()
+        assert per_poll == [4]
+        os.getppid()
+        t = time.monotonic()
+        reader.poll(5000)
+        assert len(got) == 5 and time.monotonic() - t < 1   # woken, not the timeout
+    finally:
+        reader.close()
+        b.cleanup()
