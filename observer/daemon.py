@@ -7,6 +7,8 @@ Reconciles run in a thread of their own: a view that never answers (a hung sysfs
 shows as memhp_reconcile_running_seconds growing and one log line, and never keeps SIGTERM from
 stopping the daemon."""
 
+from __future__ import annotations
+
 import bisect
 import logging
 import os
@@ -14,7 +16,6 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace as _replace
-from typing import Optional
 
 from . import snapshot
 from .journal import Journal, JournalError, boot_id, identity
@@ -52,7 +53,7 @@ class State:
     kernel: str
     mode: str
     probe_methods: dict = field(default_factory=dict)   # function -> kprobe/kfunc; absent = none
-    snapshot: Optional[Snapshot] = None
+    snapshot: Snapshot | None = None
     anomalies: tuple = ()
     anomalies_reported: dict = field(default_factory=dict)  # (kind, severity) -> count since start
     snapshots: dict = field(default_factory=dict)           # verdict -> reads the model took

@@ -4,7 +4,8 @@ so it carries everything the model reads: the zones, the memory blocks as ranges
 iomem tree, and when its views were read (read_start_ns..ts_ns, CLOCK_MONOTONIC like the
 probes' ts_ns)."""
 
-from typing import Optional
+from __future__ import annotations
+
 
 from .snapshot import Snapshot
 from .views import iomem, memory_blocks
@@ -128,7 +129,7 @@ def snapshot_from_record(rec, header) -> Snapshot:
                     iomem_error=None if resources is not None else "not in the trace")
 
 
-def _resources(rec) -> Optional[list]:
+def _resources(rec) -> list | None:
     if rec.get("iomem") is not None:
         roots, stack = [], []
         for line, (start, end, depth, name) in enumerate(rec["iomem"], 1):

@@ -14,7 +14,6 @@ the newest file alone tells a restart what is open. A line torn by a kill mid-wr
 it is, ended by a newline, and is skipped."""
 
 import datetime
-import hashlib
 import json
 import os
 
@@ -43,6 +42,7 @@ def identity(anomaly):
     key = [anomaly.kind, anomaly.node, anomaly.zone, anomaly.start_pfn, anomaly.end_pfn]
     if not anomaly.standing:
         key.append(anomaly.ts_ns)
+    import hashlib   # at the first anomaly, not on every start's way (a twentieth of its imports)
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 

@@ -9,7 +9,6 @@ finds every zone_span_leak); the other fields are MEMHP_*."""
 import os
 import socket
 import struct
-import uuid
 
 from .report import anomaly_headline
 
@@ -20,6 +19,7 @@ MAX_EVIDENCE = 16 << 10   # the journal file keeps all of it; a datagram stays s
 
 
 def message_id(kind):
+    import uuid   # at the first anomaly, not on every start's way (with platform, a twentieth)
     return uuid.uuid5(uuid.NAMESPACE_DNS, f"{kind}.anomaly.memhp-observer").hex
 
 

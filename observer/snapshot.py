@@ -1,9 +1,10 @@
 """One read of all kernel views into a typed Snapshot (its JSON shapes are in formats.py)."""
 
+from __future__ import annotations
+
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from .views import iomem, memory_blocks, zoneinfo
 from .views.source import ViewError, read_view, view_path
@@ -11,12 +12,12 @@ from .views.source import ViewError, read_view, view_path
 @dataclass
 class Snapshot:
     root: str
-    kernel: Optional[str]
+    kernel: str | None
     page_size: int                  # of the kernel whose views these are (page_size_of)
     zones: list
     blocks: memory_blocks.MemoryBlocks
-    resources: Optional[list]      # iomem roots; None when iomem could not be read
-    iomem_error: Optional[str]      # why resources is None
+    resources: list | None          # iomem roots; None when iomem could not be read
+    iomem_error: str | None         # why resources is None
 
 
 def read_kernel_release(root="/"):

@@ -8,8 +8,6 @@ import json
 import operator
 import os
 
-import orjson
-
 from .rotate import rotate
 
 FORMAT, VERSION = "memhp-trace", 1
@@ -117,6 +115,7 @@ def read_trace(path):
 def read_trace_lines(path):
     """(line number, record) of each record of a trace, checked as read_trace checks them.
     orjson parses: Python's json module alone takes longer than replay may spend a record."""
+    import orjson   # here: the daemon, which reads no trace, starts without it (and its uuid)
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -61,12 +61,15 @@ fi
 
 # The venv sees Debian's bcc (system site-packages); PyPI's "bcc" is an unrelated package.
 venv=$top/.venv
-stamp=$venv/.installed-$(sha256sum "$top/pyproject.toml" | cut -c1-16)
+# Editable as a path in a .pth (compat): the default editable install imports a finder at every
+# interpreter start (pathlib, importlib.util and more: a sixth of the daemon's start-up imports)
+install=(-e "$top[test]" --config-settings editable_mode=compat)
+stamp=$venv/.installed-$( { cat "$top/pyproject.toml"; echo "${install[*]}"; } | sha256sum | cut -c1-16)
 if [ ! -x "$venv/bin/python" ] || [ ! -e "$stamp" ] || ! "$venv/bin/python" -c 'import bcc, observer' 2>/dev/null; then
   say "creating venv $venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
   # (this machine's pip config names local indexes that may be absent: drop those warnings only)
-  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]" 2>&1 \
+  "$venv/bin/pip" install -q --disable-pip-version-check "${install[@]}" 2>&1 \
     | { grep -v "^WARNING: Location 'file:" || true; }
   rm -f "$venv"/.installed-*; touch "$stamp"
 fi

@@ -7,12 +7,13 @@ may wait until a guest shell condition holds (`until`), for hotplug that complet
 asynchronously. `sh` and `until` may name values an earlier step saved ({name}): a step with
 `save` keeps the last line of its output under that name (which blocks a DIMM added, say)."""
 
+from __future__ import annotations
+
 import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 from . import kernels
 from . import LabError
@@ -75,10 +76,10 @@ def _offline_one(candidates):
 @dataclass
 class Step:
     name: str
-    sh: Optional[str] = None
-    qmp: Optional[tuple] = None          # (command, {arguments})
-    until: Optional[str] = None          # guest shell condition polled after the step
-    save: Optional[str] = None           # keep the output's last line as {save} for later steps
+    sh: str | None = None
+    qmp: tuple | None = None        # (command, {arguments})
+    until: str | None = None        # guest shell condition polled after the step
+    save: str | None = None         # keep the output's last line as {save} for later steps
     timeout: int = 120
     expect_rc: int = 0
 

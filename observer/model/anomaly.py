@@ -1,7 +1,8 @@
 """The anomaly record (DESIGN.md §3-4). Kind names and severities are a stable contract."""
 
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
 
@@ -27,11 +28,11 @@ class Anomaly:
     kind: str
     message: str                  # one human sentence
     ts_ns: int
-    node: Optional[int] = None
-    zone: Optional[str] = None
-    start_pfn: Optional[int] = None
-    end_pfn: Optional[int] = None  # exclusive
-    evidence: List[str] = field(default_factory=list)
+    node: int | None = None
+    zone: str | None = None
+    start_pfn: int | None = None
+    end_pfn: int | None = None  # exclusive
+    evidence: list[str] = field(default_factory=list)
     severity: str = ""
     # a state a judged read of the views shows (a leak), open until a read no longer shows it;
     # else the anomaly is about one call or one loss at ts_ns

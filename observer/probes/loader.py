@@ -7,6 +7,8 @@ on kernels that then refuse the load (EPERM, as on the dev host); else the funct
 unobserved, with the reason. A function missing from BTF or kallsyms (absent or inlined) is
 unobserved and never stops the others; strict makes any unobserved core function fatal."""
 
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import logging
@@ -17,7 +19,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from . import bpfsys, image, program, threads
 from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_privilege
@@ -41,11 +42,11 @@ class ProbeError(Exception):
 class ProbeStatus:
     function: str
     present: bool                # in BTF and kallsyms
-    shape: Optional[str]         # the prototype BTF gives
+    shape: str | None            # the prototype BTF gives
     method: str                  # "kprobe" or "none"
     attached: bool
     reason: str = ""             # why not attached
-    symbol: Optional[str] = None  # the kallsyms name attached: the function's own, never a clone
+    symbol: str | None = None  # the kallsyms name attached: the function's own, never a clone
 
 
 def read_kallsyms(path="/proc/kallsyms", functions=(), variables=("vmemmap_base",)):
@@ -219,10 +220,11 @@ class Probes:
 
     def compile_soon(self):
         """Plan (or take the plan kept), compile (or take the image kept) and attach the kprobe
-        program in a thread of its own, and return once a compile has begun (the plan is
-        Python: what the caller does meanwhile would only take turns with it). bcc's clang, and
-        the attaching's syscalls, let go of the GIL: `run` imports the rest of the daemon
-        meanwhile. start() waits for it, and raises what the thread raised."""
+        program in a thread of its own, and return once the plan is made and a compile or the
+        attaching has begun (the plan is Python: what the caller does meanwhile would only take
+        turns with it). bcc's clang, and the attaching's syscalls, let go of the GIL: `run`
+        imports the rest of the daemon meanwhile. start() waits for it, and raises what the
+        thread raised."""
         begun = threading.Event()
 
         def compile_kprobes():
@@ -231,6 +233,7 @@ class Probes:
                 if self.shapes:
                     self._compile_kprobes(begun)
                     # and attached here too: mostly syscalls, beside the caller's imports
+                    begun.set()
                     self._start_kprobes()
             except BaseException as e:
                 self._compile_error = e

@@ -7,8 +7,9 @@ alone), a pfn range (start_pfn/nr_pages), a zone (span and present pages read at
 return), a dev_pagemap (pointer, type and ranges), a resource, mhp_params (does it carry a pgmap:
 ZONE_DEVICE), mhp_flags, a resource name."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from .functions import ALL
 
@@ -42,16 +43,16 @@ MAX_ARGS = 6   # x86-64 passes six arguments in registers (PT_REGS_PARM1..6)
 @dataclass(frozen=True)
 class Shape:
     function: str
-    params: Tuple[Tuple[str, str], ...]     # (name, C type) as BTF has them
-    roles: Tuple[Tuple[int, str], ...]      # (1-based position, role)
+    params: tuple[tuple[str, str], ...]     # (name, C type) as BTF has them
+    roles: tuple[tuple[int, str], ...]      # (1-based position, role)
     returns: str                            # "int", "void", "pointer", "resource"
     return_type: str = "int"                # the C type BTF gives
     # the same types spelled to compile without the kernel's headers (Btf.plain_type_name): what
     # fentry programs are declared with
-    plain_params: Tuple[Tuple[str, str], ...] = ()
+    plain_params: tuple[tuple[str, str], ...] = ()
     plain_return: str = "int"
 
-    def role_position(self, role) -> Optional[int]:
+    def role_position(self, role) -> int | None:
         return next((pos for pos, r in self.roles if r == role), None)
 
     def describe(self):

@@ -4,9 +4,10 @@ Each line is "start-end : name", hex, indented two spaces per nesting level. Wit
 CAP_SYS_ADMIN in the init user namespace the kernel prints every address as zero: that is
 detected and reported, never read as a map of empty ranges."""
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass, field
-from typing import List
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 
@@ -35,7 +36,7 @@ class Resource:
     name: str
     depth: int
     line: int          # line in /proc/iomem, for evidence
-    children: List["Resource"] = field(default_factory=list)
+    children: list["Resource"] = field(default_factory=list)
 
     @property
     def size(self):

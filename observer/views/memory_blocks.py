@@ -5,12 +5,13 @@ block_size_bytes is hex without 0x. Per block memoryN/: phys_index (%08lx), stat
 several zones or nodes; offline: the zones it may go to, default first), removable, and a nodeX
 link (also under /sys/devices/system/node/nodeX/memoryN)."""
 
+from __future__ import annotations
+
 import os
 import re
 import stat
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 from .zoneinfo import MAX_NODES, ZONE_NAMES
@@ -34,12 +35,12 @@ ATTR_LIMIT = 1 << 16    # a sysfs attribute is at most one page (64 KiB pages on
 class MemoryBlock:
     index: int
     state: str
-    valid_zones: Tuple[str, ...]
-    node: Optional[int]
-    removable: Optional[bool]
+    valid_zones: tuple[str, ...]
+    node: int | None
+    removable: bool | None
     # the zone an online block is in; None when offline or when it spans several zones (kept,
     # not computed at each look: the model looks at every block of every read)
-    zone: Optional[str] = field(init=False, repr=False, compare=False)
+    zone: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         online = self.state == "online" and self.valid_zones and self.valid_zones[0] != "none"
@@ -70,8 +71,8 @@ class BlockRun:
     first: int
     last: int
     state: str
-    zone: Optional[str]        # an online run's zone; None offline or where it spans several
-    node: Optional[int]
+    zone: str | None   # an online run's zone; None offline or where it spans several
+    node: int | None
     spans_zones: bool = False  # online across several zones: valid_zones says "none"
 
     @classmethod

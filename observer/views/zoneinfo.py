@@ -3,9 +3,10 @@
 Every zone of every online node is printed. A zone with present_pages == 0 stops after the
 protection line: no start_pfn (kernel-reference.md §4.1), so start_pfn is None for it."""
 
+from __future__ import annotations
+
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 
@@ -25,7 +26,7 @@ ULONG_LIMIT = 1 << 64   # the counters are unsigned long
 class Zone:
     node: int
     name: str
-    start_pfn: Optional[int]  # None when the kernel prints none (unpopulated zone)
+    start_pfn: int | None  # None when the kernel prints none (unpopulated zone)
     spanned: int
     present: int
     managed: int
