@@ -41,13 +41,16 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
                                 (f"kprobes (bpftrace counting calls of the {watched} watched "
                                  "functions), started and stopped in turns", 3))
               for which in ("wall time", "CPU time of the cycling thread")),
-            "probe run time, kprobes (the daemon's BPF programs, as the kernel times them), 6 cycles",
+            *(f"probe run time, {method} (the daemon's BPF programs, as the kernel times them), "
+              "6 cycles" for method in ("kprobes", "fentry")),
+            f"probe run time, kprobes (bpftrace's counting programs on the {watched} watched "
+            "functions, as the kernel times them), 6 cycles",
             "latency, kernel call to metric, 6 calls",
             "latency, kernel call to anomaly journalled, 3 calls"))}
-    # the kernel timed the daemon's programs: an entry and a return of offline_pages and
-    # online_pages a cycle at least
-    runs = re.search(r"\| \d+ µs a cycle \(([\d.]+) runs of [\d.]+ µs\)", text)
-    assert runs and float(runs.group(1)) >= 4
+    # the kernel timed the daemon's programs (kprobes, fentry) and bpftrace's: an entry and a
+    # return of offline_pages and online_pages a cycle at least
+    runs = re.findall(r"\| \d+ µs a cycle \(([\d.]+) runs of [\d.]+ µs\)", text)
+    assert len(runs) == 3 and all(float(r) >= 4 for r in runs)
     assert all(re.fullmatch(r"[\d.]+×|—", r[4]) and r[6].rstrip(" |") in bench.WITHIN.values()
                for r in rows)
     for module in bench.BENCHMARKS:

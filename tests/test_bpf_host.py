@@ -94,12 +94,14 @@ def _getppid_loop(n, together):
         os.getppid()
 
 
-def test_records_that_follow_a_wakeup_are_read_with_it():
-    """The ring buffer's reader lets the records after a wakeup gather before it reads: the
-    kernel then wakes no one for them (it wakes the reader only for a record with none unread
-    before it). A record each time this thread calls getppid(): one, then three more within
-    the gathering, all read by the one poll the first woke; and one more after, which the
-    kernel announces again, read by the next."""
+def test_records_of_calls_still_running_are_read_with_the_wakeup_before_them():
+    """The ring buffer's reader, woken while calls are still running (an inner call returned,
+    the outer has not), lets their records gather before it reads, and reads as soon as none
+    runs: the kernel wakes no one for them (it wakes the reader only for a record with none
+    unread before it). A record each time this thread calls getppid(): one while calls run,
+    three more a little later, all read by the one poll the first woke, which ends when the
+    calls do; with no call running, the first is read at once and the three later ones wake
+    the reader again."""
     import threading
     from bcc import BPF
     from observer.probes.bpfsys import RingBuffer
@@ -114,25 +116,29 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid) {
 }
 """ % tid)
     assert RingBuffer.GATHER_SECONDS >= 0.01
-    got, per_poll = [], []
-    reader = RingBuffer(b[b"events"].map_fd, lambda data, size: got.append(size))
+    got, running = [], [True]
+    reader = RingBuffer(b[b"events"].map_fd, lambda data, size: got.append(size),
+                        calls_running=lambda: running[0])
     try:
-        def poll_once():
-            reader.poll(5000)
-            per_poll.append(len(got))
-        polling = threading.Thread(target=poll_once)
-        polling.start()
-        time.sleep(0.3)                      # the reader waits in its poll
-        os.getppid()
-        time.sleep(0.005)                    # the reader would have read the first by now
-        for _ in range(3):
+        for calls_run, read_by_the_first in ((True, 4), (False, 1)):
+            running[0] = calls_run
+            del got[:]
+            per_poll = []
+            polling = threading.Thread(target=lambda: per_poll.append((reader.poll(5000),
+                                                                       len(got))[1]))
+            polling.start()
+            time.sleep(0.3)                      # the reader waits in its poll
             os.getppid()
-        polling.join()
-        assert per_poll == [4]
-        os.getppid()
-        t = time.monotonic()
-        reader.poll(5000)
-        assert len(got) == 5 and time.monotonic() - t < 1   # woken, not the timeout
+            time.sleep(0.005)                    # the reader has woken by now
+            for _ in range(3):
+                os.getppid()
+            running[0] = False                   # the calls end: what gathered is read
+            polling.join()
+            assert per_poll == [read_by_the_first]
+            t = time.monotonic()
+            while len(got) < 4 and time.monotonic() - t < 1:
+                reader.poll(1000)
+            assert len(got) == 4 and time.monotonic() - t < 1   # woken, not the timeout
     finally:
         reader.close()
         b.cleanup()

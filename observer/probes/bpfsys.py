@@ -193,14 +193,15 @@ def _libbpf():
 class RingBuffer:
     """A BPF ring buffer map read through libbpf: callback(data pointer, size) per record."""
 
-    # After a wakeup, the records that follow are let gather this long before any is read. The
-    # kernel wakes the reader for a record only when every record before it has been read, and
-    # each wakeup (an irq_work, then the reader's) cost the probed call about 40 µs under TCG: a
-    # hotplug cycle's four events woke the reader four times, each the probes' dearest part.
-    # Read 20 ms late, a cycle's events that come after the first wake no one.
+    # After a wakeup, while calls the probes watch are still running (an inner call's return
+    # woke the reader; the outer call's comes next), their records are let gather before any is
+    # read, up to this long. The kernel wakes the reader for a record only when every record
+    # before it has been read, and under TCG each wakeup (an irq_work, then the reader's) cost
+    # the probed call about 40 µs, the probes' dearest part: so an operation's calls wake it
+    # once, and its outer call's event is read as soon as it is there.
     GATHER_SECONDS = 0.02
 
-    def __init__(self, map_fd, callback):
+    def __init__(self, map_fd, callback, calls_running=lambda: False):
         self._lib = _libbpf()
         self._fn = _SAMPLE_FN(lambda _ctx, data, size: callback(data, size) or 0)
         self._rb = self._lib.ring_buffer__new(map_fd, self._fn, None, None)
@@ -208,13 +209,16 @@ class RingBuffer:
             err = ctypes.get_errno()
             raise BpfError(err, f"ring buffer: {os.strerror(err)}")
         self._epoll_fd = self._lib.ring_buffer__epoll_fd(self._rb)
+        self._calls_running = calls_running
 
     def poll(self, timeout_ms):
         """The records a wakeup within timeout_ms announces and those that gather after it, or
         at the timeout what is there without one (in a 7.2 guest, records sat unread for 10 s
         until the next call's wakeup)."""
         if select.select([self._epoll_fd], [], [], timeout_ms / 1000)[0] and timeout_ms:
-            time.sleep(self.GATHER_SECONDS)
+            until = time.monotonic() + self.GATHER_SECONDS
+            while self._calls_running() and time.monotonic() < until:
+                time.sleep(0.001)
         self._lib.ring_buffer__consume(self._rb)
 
     def close(self):

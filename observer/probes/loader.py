@@ -296,7 +296,9 @@ class Probes:
             self._counters = mmap.mmap(self._map_fds["counters"], mmap.PAGESIZE,
                                        prot=mmap.PROT_READ)
             if self.ringbuf:
-                self._output = bpfsys.RingBuffer(self._map_fds["events"], self._on_event)
+                self._output = bpfsys.RingBuffer(
+                    self._map_fds["events"], self._on_event,
+                    calls_running=lambda: self.calls_begun() > self.calls_returned())
             else:
                 self.bpf[b"events"].open_perf_buffer(
                     lambda _cpu, data, size: self._on_event(data, size), page_cnt=64)
