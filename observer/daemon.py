@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass, field, replace as _replace
 
 from . import snapshot
-from .journal import Journal, JournalError, boot_id, identity
-from .journald import SOCKET as JOURNALD_SOCKET, Journald, stderr_is_journal
+from .journal import DEFERRED_IMPORTS as JOURNAL_IMPORTS, Journal, JournalError, boot_id, identity
+from .journald import (DEFERRED_IMPORTS as JOURNALD_IMPORTS, SOCKET as JOURNALD_SOCKET, Journald,
+                       stderr_is_journal)
 from .metrics import DURATION_BUCKETS, ProcessCollector, StateCollector, block_counts, serve
 from .notify import Notifier
 from .model.model import SETTLE_NS, Model
@@ -71,11 +72,11 @@ def _result(event):
 
 
 def _import_for_anomalies():
-    """What the first anomaly needs and a start does not (journal.identity, journald.message_id):
-    imported once READY is said, not on the start's way nor in the first anomaly's (a tenth of a
-    second under TCG, which the lab's first anomaly waited)."""
-    import hashlib  # noqa: F401
-    import uuid  # noqa: F401
+    """What the first anomaly needs and a start does not, imported once READY is said: not on
+    the start's way, nor in the first anomaly's (a tenth of a second under TCG, which the lab's
+    first anomaly waited)."""
+    for name in (*JOURNAL_IMPORTS, *JOURNALD_IMPORTS):
+        __import__(name)
 
 
 class Daemon:

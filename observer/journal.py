@@ -36,13 +36,18 @@ def boot_id(path="/proc/sys/kernel/random/boot_id"):
         raise JournalError(f"{path}: {e.strerror}: the journal needs this boot's id") from None
 
 
+# imported where used, not with this module: off every start's way (a twentieth of its
+# imports); the daemon imports them once READY is said, off the first anomaly's way too
+DEFERRED_IMPORTS = ("hashlib",)
+
+
 def identity(anomaly):
     """What makes two reports the same anomaly: where it is, and for an anomaly about one call
     also when."""
     key = [anomaly.kind, anomaly.node, anomaly.zone, anomaly.start_pfn, anomaly.end_pfn]
     if not anomaly.standing:
         key.append(anomaly.ts_ns)
-    import hashlib   # at the first anomaly, not on every start's way (a twentieth of its imports)
+    import hashlib   # DEFERRED_IMPORTS
     return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
 
 

@@ -18,8 +18,12 @@ PRIORITY = {"critical": 2, "warning": 4, "info": 6}
 MAX_EVIDENCE = 16 << 10   # the journal file keeps all of it; a datagram stays small
 
 
+# imported where used (uuid brings platform): as journal.DEFERRED_IMPORTS
+DEFERRED_IMPORTS = ("uuid",)
+
+
 def message_id(kind):
-    import uuid   # at the first anomaly, not on every start's way (with platform, a twentieth)
+    import uuid   # DEFERRED_IMPORTS
     return uuid.uuid5(uuid.NAMESPACE_DNS, f"{kind}.anomaly.memhp-observer").hex
 
 

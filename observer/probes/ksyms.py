@@ -11,7 +11,45 @@ an init-only function of an unrelated module, between devm_create_dev_dax and da
 An address no symbol of its module explains is given as "0xADDR [module]"."""
 
 import bisect
+import re
 import threading
+
+# the kernel variables whose addresses the probes need: x86-64's vmemmap_base (KASLR moves it),
+# from which a dump_page's pfn is read
+VARIABLES = ("vmemmap_base",)
+CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
+
+
+def find_symbols(text, functions=()):
+    """From kallsyms' text (bytes): (those of `functions` it has as text symbols by their own
+    name, {function: its compiler copies (name.isra.0, name.constprop.0, name.part.0)} of those
+    it has only so, {variable: address} of those of VARIABLES whose address it shows), each name
+    looked for in the text: splitting all its 120,000 lines was most of a start's plan under TCG.
+    Clones may drop or reorder arguments, and a .part is not the entry: they are never
+    attached."""
+    present, clones, addresses = set(), {}, {}
+    for name in (*functions, *VARIABLES):
+        needle = b" " + name.encode()
+        at = text.find(needle)
+        while at >= 0:
+            # "ADDRESS TYPE NAME", then a newline, or a tab and the module
+            line_end = text.find(b"\n", at) % (len(text) + 1)
+            tab = text.find(b"\t", at, line_end)
+            ends = tab if tab >= 0 else line_end
+            start, at = at, text.find(needle, ends)
+            symbol, suffix = text[start + 1:ends].decode(), text[start + 1 + len(needle) - 1:ends]
+            if start < 2 or text[start - 2:start - 1] != b" " or suffix[:1] not in (b"", b"."):
+                continue
+            if name in VARIABLES:
+                address = int(text[text.rfind(b"\n", 0, start) + 1:start - 2], 16)
+                if not suffix and address:
+                    addresses[name] = address
+            elif text[start - 1:start] in (b"t", b"T", b"w", b"W"):
+                if not suffix:
+                    present.add(name)
+                elif CLONE_SUFFIX.fullmatch(suffix[1:].decode()):
+                    clones.setdefault(name, []).append(symbol)
+    return present, {fn: sorted(c) for fn, c in clones.items() if fn not in present}, addresses
 
 
 def parse_modules(text):
@@ -38,11 +76,24 @@ class Ksyms:
         self.core = (1, 0)         # lowest and highest address of the kernel's own text symbols
         self._lock = threading.Lock()   # one parse at a time: a lookup waits for one under way
         self._named = {}           # stack addresses -> their names, until the table changes
+        self.variables = {}        # VARIABLES' addresses, from the latest read
+        self._read = threading.Event()   # kallsyms read (or the first parse failed)
 
     def load_soon(self):
         """Parse kallsyms now, in a thread of its own (while bcc compiles, which lets go of the
         GIL), so that the first event is not held up by the parse."""
-        threading.Thread(target=self.names_of, args=([],), name="kallsyms", daemon=True).start()
+        def load():
+            try:
+                self.names_of([])
+            finally:
+                self._read.set()
+        threading.Thread(target=load, name="kallsyms", daemon=True).start()
+
+    def variables_read(self):
+        """VARIABLES' addresses, once load_soon's parse has read kallsyms: one read for both
+        (reading /proc/kallsyms takes a good part of a second under TCG)."""
+        self._read.wait()
+        return self.variables
 
     def _refresh(self):
         try:
@@ -55,13 +106,16 @@ class Ksyms:
         if loaded == self.seen_modules:
             return
         self._named = {}
+        with open(self.kallsyms, "rb") as f:
+            text = f.read()
+        self.variables = find_symbols(text)[2]
+        self._read.set()
         table = []
-        with open(self.kallsyms) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tTwW":
-                    module = parts[3].strip("[]") if len(parts) > 3 else "kernel"
-                    table.append((int(parts[0], 16), parts[2], module))
+        for line in text.decode().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] in "tTwW":
+                module = parts[3].strip("[]") if len(parts) > 3 else "kernel"
+                table.append((int(parts[0], 16), parts[2], module))
         table.sort()
         self.addrs = [a for a, _, _ in table]
         self.names = [f"{n} [{m}]" for _, n, m in table]

@@ -14,7 +14,6 @@ import ctypes
 import logging
 import mmap
 import os
-import re
 import struct
 import threading
 import time
@@ -25,7 +24,7 @@ from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_pr
 from .btf import Btf, BtfError
 from .decode import decode
 from .functions import ALL, ANNOTATIONS, CORE
-from .ksyms import Ksyms
+from .ksyms import Ksyms, find_symbols
 from .order import CallOrder
 from .pairing import Pairing
 from .shapes import LayoutError, layouts as read_layouts, shape_of
@@ -47,43 +46,6 @@ class ProbeStatus:
     attached: bool
     reason: str = ""             # why not attached
     symbol: str | None = None  # the kallsyms name attached: the function's own, never a clone
-
-
-def read_kallsyms(path="/proc/kallsyms", functions=(), variables=("vmemmap_base",)):
-    """(those of `functions` that kallsyms has as text symbols by their own name, {function: its
-    compiler copies (name.isra.0, name.constprop.0, name.part.0)} of those it has only so,
-    {variable: address} of those of `variables` whose address it shows), each name looked for in
-    the text read once: splitting all its 120,000 lines was most of a start's plan under TCG.
-    Clones may drop or reorder arguments, and a .part is not the entry: they are never
-    attached."""
-    with open(path, "rb") as f:
-        text = f.read()
-    present, clones, addresses = set(), {}, {}
-    for name in (*functions, *variables):
-        needle = b" " + name.encode()
-        at = text.find(needle)
-        while at >= 0:
-            # "ADDRESS TYPE NAME", then a newline, or a tab and the module
-            line_end = text.find(b"\n", at) % (len(text) + 1)
-            tab = text.find(b"\t", at, line_end)
-            ends = tab if tab >= 0 else line_end
-            start, at = at, text.find(needle, ends)
-            symbol, suffix = text[start + 1:ends].decode(), text[start + 1 + len(needle) - 1:ends]
-            if start < 2 or text[start - 2:start - 1] != b" " or suffix[:1] not in (b"", b"."):
-                continue
-            if name in variables:
-                address = int(text[text.rfind(b"\n", 0, start) + 1:start - 2], 16)
-                if not suffix and address:
-                    addresses[name] = address
-            elif text[start - 1:start] in (b"t", b"T", b"w", b"W"):
-                if not suffix:
-                    present.add(name)
-                elif CLONE_SUFFIX.fullmatch(suffix[1:].decode()):
-                    clones.setdefault(name, []).append(symbol)
-    return present, {fn: sorted(c) for fn, c in clones.items() if fn not in present}, addresses
-
-
-CLONE_SUFFIX = re.compile(r"(isra|constprop|part|cold)\.\d+")
 
 
 # clang's warnings about the kernel's own headers, nothing to act on: 6.12's asm/current.h gives
@@ -155,8 +117,9 @@ class Probes:
             btf = Btf.load()
         except BtfError as e:
             raise ProbeError(f"no kernel BTF ({e}): probe shapes come from BTF") from None
-        names, clones_of, self.variables = read_kallsyms(
-            self.kallsyms, (*self.functions, RINGBUF_HELPER))
+        with open(self.kallsyms, "rb") as f:
+            names, clones_of, self.variables = find_symbols(
+                f.read(), (*self.functions, RINGBUF_HELPER))
         kprobes = has_kprobes()
         if self.method == "kprobe" and not kprobes:
             raise ProbeError("--probe-method kprobe: this kernel has no kprobes")
@@ -406,12 +369,12 @@ class Probes:
 
     def _fill_kernel_addresses(self):
         """x86-64's vmemmap_base (KASLR moves it): a dump_page's pfn is read relative to it.
-        A kept plan has not read kallsyms: it is read beside the start."""
+        A kept plan has not read kallsyms: the stack names' parse reads it, beside the start."""
         fd = self._map_fds["kernel_addresses"]
 
         def fill():
             if self.variables is None:
-                self.variables = read_kallsyms(self.kallsyms)[2]
+                self.variables = self.ksyms.variables_read()
             try:
                 bpfsys.map_update(fd, ctypes.c_int(0),
                                   ctypes.c_uint64(self.variables.get("vmemmap_base", 0)))
