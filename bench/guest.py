@@ -70,40 +70,42 @@ def _turn_of_cycles(block, n):
 
 
 def in_turns(rounds, batch, pid):
-    """Cycles with the daemon's kprobes on and off in turns, `batch` at a time, for `rounds`
-    rounds (on first, then off first, and so on): under TCG a guest's cycle drifts by tens of
-    percent within minutes, and turns cancel the drift. Off: every kprobe disarmed (the kernel's
-    own switch) and the daemon stopped (SIGSTOP); on: armed and running. Each turn begins once
-    the daemon has been idle for a while: in an on turn it has then taken what came while it
-    was stopped (the uevents of the turn before, no work of these cycles'), and both kinds
-    begin from a guest as idle (the first cycles after idling are slower). {"on": [cycle()],
-    "off": [cycle()]}."""
+    """Cycles with the daemon's kprobes on, armed alone, and off in turns, `batch` at a time,
+    for `rounds` rounds (on first, then off first, and so on): under TCG a guest's cycle drifts
+    by tens of percent within minutes, and turns cancel the drift. Off: every kprobe disarmed
+    (the kernel's own switch) and the daemon stopped (SIGSTOP); armed: the kprobes armed and the
+    daemon stopped (the probes' own cost: their records wait in the ring buffer); on: armed and
+    the daemon running. Each turn begins once the daemon has been idle for a while: in an on
+    turn it has then taken what came while it was stopped (no work of these cycles'), and every
+    kind begins from a guest as idle (the first cycles after idling are slower).
+    {"on": [cycle()], "armed": [cycle()], "off": [cycle()]}."""
     block = movable_block()
-    out = {"on": [], "off": []}
+    out = {"on": [], "armed": [], "off": []}
 
-    def turn(on):
-        if on:
+    def turn(kind):
+        if kind == "on":
             _write(KPROBES_ENABLED, "1")
             os.kill(pid, signal.SIGCONT)
         else:
             os.kill(pid, signal.SIGSTOP)
-            _write(KPROBES_ENABLED, "0")
-        until_idle(pid, timeout=10.0)   # both turns begin from a guest left idle alike
+            _write(KPROBES_ENABLED, "1" if kind == "armed" else "0")
+        until_idle(pid, timeout=10.0)   # every turn begins from a guest left idle alike
     try:
         for r in range(rounds):
-            for on in (True, False) if r % 2 == 0 else (False, True):
-                turn(on)
-                out["on" if on else "off"] += _turn_of_cycles(block, batch)
+            for kind in ("on", "armed", "off") if r % 2 == 0 else ("off", "armed", "on"):
+                turn(kind)
+                out[kind] += _turn_of_cycles(block, batch)
     finally:
-        turn(True)
+        turn("on")
     return out
 
 
-def restarted_turns(rounds, batch, spec):
+def restarted_turns(rounds, batch, spec, timed):
     """Cycles with an observer running and not, in turns as in_turns has them, for probes
     that cannot be disarmed (fentry, or bpftrace's kprobe_multi): on, the process started
     (spec: what ready takes) and then idle; off, that process ended, and its programs with it.
-    {"on": [cycle()], "off": [cycle()]}."""
+    After the first on turn, `timed` cycles more with the kernel timing its programs (what
+    probe_time gives). {"on": [cycle()], "off": [cycle()], "timed": probe_time()}."""
     block = movable_block()
     out = {"on": [], "off": []}
     for r in range(rounds):
@@ -115,9 +117,27 @@ def restarted_turns(rounds, batch, spec):
                 time.sleep(0.5)   # idle as long as an on turn's start is at least
             out["on" if on else "off"] += _turn_of_cycles(block, batch)
             if on:
-                os.kill(pid, signal.SIGTERM)
-                os.waitpid(pid, 0)
+                if "timed" not in out:
+                    out["timed"] = probe_time(timed, pid)
+                _ended(pid, spec["argv"][0])
     return out
+
+
+def _ended(pid, name, timeout=120):
+    """SIGTERM to a child, then until it has exited (its probes detached: each kprobe or
+    trampoline taken away waits for RCU grace periods, seconds under TCG); a child that has
+    not exited after `timeout` seconds is a failure, with the kernel stack it waits in."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            try:
+                stack = _read(f"/proc/{pid}/stack")
+            except OSError as e:
+                stack = str(e)
+            sys.exit(f"bench.guest: {name} (pid {pid}) not ended {timeout} s after SIGTERM; "
+                     f"its kernel stack:\n{stack}")
+        time.sleep(0.1)
 
 
 def probe_time(n, pid):
@@ -247,7 +267,7 @@ def main():
     if verb == "in_turns":
         out = in_turns(int(args[0]), int(args[1]), int(args[2]))
     elif verb == "restarted_turns":
-        out = restarted_turns(int(args[0]), int(args[1]), json.loads(args[2]))
+        out = restarted_turns(int(args[0]), int(args[1]), json.loads(args[2]), int(args[3]))
     elif verb == "probe_time":
         out = probe_time(int(args[0]), int(args[1]))
     elif verb == "latency":

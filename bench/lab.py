@@ -7,21 +7,23 @@ the boot compiled and kept (timed apart, before them); beside them, what any bcc
 compiling an empty program and attaching it to the four (until it says so), in the same turns.
 Idle: the BPF-mode daemon's CPU time as a share of one core, and its RSS, at the default
 reconcile interval. Probe overhead: offline and online of one boot-Movable block, timed cycle by
-cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon running) and off
-(every kprobe disarmed through debugfs, the daemon stopped), 10 rounds, since under TCG a
+cycle. The daemon's kprobes: in turns of 20 cycles, on (armed, the daemon running), armed
+alone (the daemon stopped: the probes' own cost, their records waiting in the ring buffer) and
+off (every kprobe disarmed through debugfs, the daemon stopped), 10 rounds, since under TCG a
 guest's cycle drifts by tens of percent within minutes; each turn begins once the daemon has
 been idle half a second (in an on turn it has then taken what came while it was stopped), so
-both kinds begin from a guest as idle: the first cycles after idling take longer. The daemon
+every kind begins from a guest as idle: the first cycles after idling take longer. The daemon
 through fentry (which cannot be disarmed) in turns too, 4 rounds: on, the daemon started until
 READY, then idle half a second; off, the daemon ended (its programs detached with it), the guest
 idle half a second. Beside them, in the same way as fentry, what the kernel's kprobes cost
 before any work of the daemon's: bpftrace with the daemon's probes on the watched functions the
 kernel has (an entry and a return probe on each, an entry probe on an annotation), each only
-counting calls. And the daemon's BPF programs timed by the kernel (kernel.bpf_stats_enabled)
-over as many cycles, the daemon running (kprobes, then fentry): their time a cycle, against the cycle's CPU time, is a
-floor of the overhead that TCG's drift does not blur (it leaves out the kprobes' dispatch, which
-bpftrace's counting shows, and the daemon's work on the events); and bpftrace's counting programs
-timed so, the floor of any BPF program on these calls under TCG. Every turn begins with a cycle
+counting calls. And the BPF programs timed by the kernel (kernel.bpf_stats_enabled) over as
+many cycles: the daemon's kprobes after their turns, and, after its first on turn, the fentry
+daemon's and bpftrace's counting. Their time a cycle, against the cycle's CPU time, is a floor
+of the overhead that TCG's drift does not blur (it leaves out the kprobes' dispatch and the
+daemon's work on the events); bpftrace's counting programs so timed are the floor of any BPF
+program on these calls under TCG. Every turn begins with a cycle
 left untimed (arming, disarming, attaching and detaching rewrite kernel text, which QEMU then
 translates anew). Each cycle is timed twice: its wall time, and the CPU time of the thread that
 cycles (the probes run in it; the wall time also takes what the other CPU does meanwhile, since
@@ -122,40 +124,29 @@ def rows(quick, work, progress):
         idle = run("idle", daemon["pid"], idle_seconds)
         progress(f"lab: latency over {n} cycles and {n} failed onlines")
         latency = run("latency", n, PORT, journal, INJECT_DIR)
-        progress(f"lab: {rounds} rounds of {batch} cycles with the daemon's kprobes on, then off")
+        progress(f"lab: {rounds} rounds of {batch} cycles with the daemon's kprobes on, armed alone "
+                 f"(the daemon stopped), then off")
         turns = run("in_turns", rounds, batch, daemon["pid"])
         progress(f"lab: {rounds * batch} cycles with the kernel timing the daemon's BPF programs")
         probe_time = run("probe_time", rounds * batch, daemon["pid"])
         stop(daemon["pid"])
         progress(f"lab: {fentry_rounds} rounds of {batch} cycles with the daemon through fentry, "
-                 f"started and stopped in turns")
+                 f"started and stopped in turns; {rounds * batch} cycles more with the kernel "
+                 f"timing its programs")
         fentry_argv = [EXE, "run", "--mode", "bpf", "--probe-method", "kfunc", "--listen",
                        f"127.0.0.1:{PORT}"]
         fentry = run("restarted_turns", fentry_rounds, batch,
                      json.dumps({"argv": fentry_argv, "log": f"{results}/daemon-fentry.log",
-                                 "port": PORT}))
-        progress(f"lab: {rounds * batch} cycles with the kernel timing the daemon's fentry "
-                 f"programs")
-        fentry_daemon = run("ready", json.dumps({"argv": fentry_argv,
-                                                 "log": f"{results}/daemon-fentry.log",
-                                                 "port": PORT}))
-        fentry_time = run("probe_time", rounds * batch, fentry_daemon["pid"])
-        stop(fentry_daemon["pid"])
+                                 "port": PORT}), rounds * batch)
         watched = _in_kallsyms(guest, ALL)
         progress(f"lab: {fentry_rounds} rounds of {batch} cycles with bpftrace counting on the "
-                 f"{len(watched)} watched functions this kernel has, started and stopped in turns")
+                 f"{len(watched)} watched functions this kernel has, started and stopped in "
+                 f"turns; {rounds * batch} cycles more with the kernel timing its programs")
         bpftrace_turns = run("restarted_turns", fentry_rounds, batch,
                              json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e",
                                                   _counting(watched)],
                                          "log": f"{results}/bpftrace-counting.log",
-                                         "says": "attached"}))
-        progress(f"lab: {rounds * batch} cycles with the kernel timing bpftrace's counting")
-        counting = run("ready", json.dumps({"argv": [BPFTRACE_EXE, "-B", "none", "-e",
-                                                     _counting(watched)],
-                                            "log": f"{results}/bpftrace-counting.log",
-                                            "says": "attached"}))
-        counting_time = run("probe_time", rounds * batch, counting["pid"])
-        stop(counting["pid"])
+                                         "says": "attached"}), rounds * batch)
     where = f"Debian {KERNEL} guest (TCG)"
     ours, theirs = statistics.median(daemon_seconds), statistics.median(bpftrace_seconds)
     out = [{"benchmark": f"start-up to READY, BPF mode (kprobes, the program kept from the first "
@@ -180,6 +171,9 @@ def rows(quick, work, progress):
     for name, turned, said, budgeted in (
             ("kprobes (the daemon), on and off in turns", turns, "kprobes disarmed, daemon stopped",
              True),
+            ("kprobes armed, the daemon stopped (the probes alone), in the same turns",
+             {"on": turns["armed"], "off": turns["off"]}, "kprobes disarmed, daemon stopped",
+             False),
             ("fentry (the daemon), started and stopped in turns", fentry,
              "daemon ended, its programs detached", True),
             (f"kprobes (bpftrace counting calls of the {len(watched)} watched functions), started "
@@ -196,9 +190,9 @@ def rows(quick, work, progress):
                         "budget": f"≤ +{MAX_OVERHEAD:g}%" if budgeted else "—",
                         "within": extra <= MAX_OVERHEAD if budgeted else None})
     for who, timed, budgeted in (("kprobes (the daemon's BPF programs", probe_time, True),
-                                 ("fentry (the daemon's BPF programs", fentry_time, True),
+                                 ("fentry (the daemon's BPF programs", fentry["timed"], True),
                                  (f"kprobes (bpftrace's counting programs on the {len(watched)} "
-                                  f"watched functions", counting_time, False)):
+                                  f"watched functions", bpftrace_turns["timed"], False)):
         n_cycles, runs = len(timed["cycles"]), timed["runs"]
         cpu = sum(c[1] for c in timed["cycles"]) / n_cycles
         per_cycle = timed["run_ns"] / 1e9 / n_cycles

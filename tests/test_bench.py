@@ -37,6 +37,8 @@ def test_every_benchmark_runs_into_the_report(tmp_path):
             "idle daemon CPU, BPF mode, 10 s reconcile, 5 s",
             *(f"probe overhead, {method}, {which}, median of {n} cycles"
               for method, n in (("kprobes (the daemon), on and off in turns", 6),
+                                ("kprobes armed, the daemon stopped (the probes alone), in the "
+                                 "same turns", 6),
                                 ("fentry (the daemon), started and stopped in turns", 3),
                                 (f"kprobes (bpftrace counting calls of the {watched} watched "
                                  "functions), started and stopped in turns", 3))
