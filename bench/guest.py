@@ -69,6 +69,12 @@ def _turn_of_cycles(block, n):
     return [cycle(block) for _ in range(n)]
 
 
+def in_order(r, kinds):
+    """Round r's order of the kinds of turn: as given in even rounds, reversed in odd ones, so
+    that no kind always follows the same one."""
+    return kinds if r % 2 == 0 else kinds[::-1]
+
+
 def in_turns(rounds, batch, pid):
     """Cycles with the daemon's kprobes on, armed alone, and off in turns, `batch` at a time,
     for `rounds` rounds (on first, then off first, and so on): under TCG a guest's cycle drifts
@@ -92,7 +98,7 @@ def in_turns(rounds, batch, pid):
         until_idle(pid, timeout=10.0)   # every turn begins from a guest left idle alike
     try:
         for r in range(rounds):
-            for kind in ("on", "armed", "off") if r % 2 == 0 else ("off", "armed", "on"):
+            for kind in in_order(r, ("on", "armed", "off")):
                 turn(kind)
                 out[kind] += _turn_of_cycles(block, batch)
     finally:
@@ -109,7 +115,7 @@ def restarted_turns(rounds, batch, spec, timed):
     block = movable_block()
     out = {"on": [], "off": []}
     for r in range(rounds):
-        for on in (True, False) if r % 2 == 0 else (False, True):
+        for on in in_order(r, (True, False)):
             if on:
                 pid = ready(spec["argv"], spec["log"], spec.get("port"), spec.get("says"))["pid"]
                 until_idle(pid, timeout=10.0)

@@ -76,7 +76,7 @@ class Ksyms:
         self.core = (1, 0)         # lowest and highest address of the kernel's own text symbols
         self._lock = threading.Lock()   # one parse at a time: a lookup waits for one under way
         self._named = {}           # stack addresses -> their names, until the table changes
-        self.variables = {}        # VARIABLES' addresses, from the latest read
+        self.variables = {}        # VARIABLES' addresses, from the first read
         self._read = threading.Event()   # kallsyms read (or the first parse failed)
 
     def load_soon(self):
@@ -108,8 +108,9 @@ class Ksyms:
         self._named = {}
         with open(self.kallsyms, "rb") as f:
             text = f.read()
-        self.variables = find_symbols(text)[2]
-        self._read.set()
+        if not self._read.is_set():   # fixed for the boot: the first read's are kept
+            self.variables = find_symbols(text)[2]
+            self._read.set()
         table = []
         for line in text.decode().splitlines():
             parts = line.split()
