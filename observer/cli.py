@@ -1,6 +1,7 @@
 """memhp-observer command line."""
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -109,8 +110,6 @@ def byte_count(value):
 
 
 def cmd_run(args):
-    import logging
-    logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     host, port = args.listen
     if args.strict and (args.mode == "procfs" or args.root != "/"):
         print("memhp-observer run: --strict needs the probes: not with --mode procfs or --root",
@@ -203,13 +202,11 @@ def cmd_probes(args):
 
 
 def cmd_record(args):
-    import logging
     import signal
     import threading
     from .probes.loader import ProbeError
     from .record import record
     from .trace import TraceWriteError
-    logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s")
     if args.strict and args.mode == "procfs":
         print("memhp-observer record: --strict needs the probes: not with --mode procfs",
               file=sys.stderr)
@@ -311,11 +308,32 @@ def cmd_capture(args):
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, as wide as the terminal, found without shutil: argparse makes a formatter for
+    every argument added, and its own imports shutil (and with it bz2 and lzma: a sixth of a
+    second of the daemon's start under TCG) to ask the width."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=_columns() - 2)
+
+
+def _columns():
+    """What shutil.get_terminal_size() gives: $COLUMNS, else the terminal's, else 80."""
+    if os.environ.get("COLUMNS", "").isdigit() and int(os.environ["COLUMNS"]) > 0:
+        return int(os.environ["COLUMNS"])
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):   # no stdout, or not a terminal
+        return 80
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="memhp-observer", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="verb", required=True)
+    sub = p.add_subparsers(dest="verb", required=True,
+                           parser_class=functools.partial(argparse.ArgumentParser,
+                                                          formatter_class=HelpFormatter))
 
     s = sub.add_parser("snapshot", help="show zones, memory blocks and hotplug resources")
     s.add_argument("--root", default="/", help="read the views under this directory (default /)")

@@ -10,14 +10,13 @@ stopping the daemon."""
 from __future__ import annotations
 
 import bisect
-import logging
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace as _replace
 
-from . import snapshot
+from . import log, snapshot
 from .journal import DEFERRED_IMPORTS as JOURNAL_IMPORTS, Journal, JournalError, boot_id, identity
 from .journald import (DEFERRED_IMPORTS as JOURNALD_IMPORTS, SOCKET as JOURNALD_SOCKET, Journald,
                        stderr_is_journal)
@@ -32,8 +31,6 @@ from .trace import TraceWriteError, TraceWriter
 from .probes.availability import has_kprobes, missing_privilege, try_fentry
 from .probes.loader import ProbeError, attach
 from .views.source import ViewError
-
-log = logging.getLogger("memhp-observer")
 
 
 class ListenError(Exception):

@@ -1,15 +1,13 @@
 """`memhp-observer record`: a trace (v1) of the hotplug calls the probes see, with snapshots of
 the kernel views at start, on a period and at the end, so the trace alone can be replayed."""
 
-import logging
 import os
 import time
 
+from . import log
 from .probes.loader import attach
 from .sources.live import LiveSource
 from .trace import TraceWriter
-
-log = logging.getLogger("memhp-observer")
 
 
 def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=False, mode="auto",
@@ -24,9 +22,11 @@ def record(path, stop, duration=None, snapshot_interval=10.0, root="/", strict=F
         probes, status = attach(mode, strict, probe_method) if mode != "procfs" else (None, {})
         source = LiveSource(root, probes, status)   # procfs mode needs neither BTF nor bcc
         attached = [fn for fn, st in status.items() if st.attached]
-        log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path,
-                 source.mode, len(attached), len(status), time.monotonic() - began)
+        took = time.monotonic() - began
+        # views it cannot read end it here, with one line naming them and none before
         writer.write(source.header(source.read_views()))
+        log.info("recording to %s in %s mode: %d of %d functions attached (%.1f s)", path,
+                 source.mode, len(attached), len(status), took)
         return _record_until(writer, source, stop, duration, snapshot_interval)
     finally:
         writer.close()

@@ -9,7 +9,6 @@ its text) or "hang" (the time bound passed)."""
 import contextlib
 import io
 import json
-import logging
 import resource
 import signal
 import sys
@@ -53,7 +52,6 @@ def run_daemon(root):
 def main():
     bound, memory = float(sys.argv[1]), int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    logging.basicConfig(level=logging.INFO, format="memhp-observer: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGALRM, _alarm)
     for line in sys.stdin:
         job = json.loads(line)

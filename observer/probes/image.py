@@ -10,15 +10,14 @@ loading puts the new fds there."""
 import base64
 import ctypes
 import json
-import logging
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 
+from .. import log
 from . import bpfsys
 
-log = logging.getLogger("memhp-observer")
 
 FORMAT = 1
 DEFAULT_DIR = "/var/cache/memhp-observer"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
 import mmap
 import os
 import struct
@@ -19,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .. import log
 from . import bpfsys, image, program, threads
 from .availability import has_atomic_fetch, has_kprobes, headers_dir, missing_privilege
 from .btf import Btf, BtfError
@@ -28,9 +28,6 @@ from .ksyms import Ksyms, find_symbols
 from .order import CallOrder
 from .pairing import Pairing
 from .shapes import LayoutError, layouts as read_layouts, shape_of
-
-
-log = logging.getLogger("memhp-observer")
 
 
 class ProbeError(Exception):
