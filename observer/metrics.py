@@ -299,9 +299,10 @@ def serve(host, port, collectors):
     class Server(socketserver.ThreadingTCPServer):
         daemon_threads = True
         allow_reuse_address = True   # a restart binds at once, past the old connections' TIME_WAIT
-        # AF_INET6 for an IPv6 address (TCPServer binds AF_INET only)
-        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                            flags=socket.AI_PASSIVE)[0][0]
+        # AF_INET6 for an IPv6 address (TCPServer binds AF_INET only). An ASCII host as bytes:
+        # as text, getaddrinfo imports the idna codec first (a fiftieth of a start under TCG)
+        address_family = socket.getaddrinfo(host.encode() if host.isascii() else host, port,
+                                            type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
     server = Server((host, port), Handler)
     # no poll interval: it only bounds how soon shutdown() is seen, and the server lives as long
