@@ -188,7 +188,7 @@ def cmd_probes(args):
     finally:
         probes.close()
     if args.json:
-        json.dump({fn: vars(st) for fn, st in status.items()}, sys.stdout, indent=1)
+        json.dump({fn: st._asdict() for fn, st in status.items()}, sys.stdout, indent=1)
         print()
     else:
         print(f"{'FUNCTION':<32} {'PRESENT':<8} {'METHOD':<7} {'ATTACHED':<9} SHAPE / WHY NOT")

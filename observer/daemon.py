@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace as _replace
+from collections import namedtuple
 
 from . import log, snapshot
 from .journal import DEFERRED_IMPORTS as JOURNAL_IMPORTS, Journal, JournalError, boot_id, identity
@@ -45,23 +45,21 @@ WAKE_SECONDS = 2.0
 RECORD_MAX_BYTES = 64 << 20   # --record: a new file at the next read past this (4 kept)
 
 
-@dataclass(frozen=True)
-class State:
-    """Everything a scrape shows; replaced whole by each reconcile, never mutated."""
-    kernel: str
-    mode: str
-    probe_methods: dict = field(default_factory=dict)   # function -> kprobe/kfunc; absent = none
-    snapshot: Snapshot | None = None
-    anomalies: tuple = ()
-    anomalies_reported: dict = field(default_factory=dict)  # (kind, severity) -> count since start
-    snapshots: dict = field(default_factory=dict)           # verdict -> reads the model took
-    reconciled_at: float = 0.0
-    reconcile_seconds: float = 0.0
-    reconcile_errors: int = 0
-    offline_since: RangeMap = field(default_factory=RangeMap)   # block index -> (node,
-                                                        # monotonic time first read offline)
-    block_counts: dict = field(default_factory=dict)    # metrics.block_counts of the snapshot
-    pagemap_bytes: dict = field(default_factory=dict)   # pagemap type -> bytes mapped (BPF mode)
+class State(namedtuple("State", [
+        "kernel", "mode",
+        "probe_methods",        # function -> kprobe/kfunc; absent = none
+        "snapshot",             # Snapshot, None before the first read
+        "anomalies",
+        "anomalies_reported",   # (kind, severity) -> count since start
+        "snapshots",            # verdict -> reads the model took
+        "reconciled_at", "reconcile_seconds", "reconcile_errors",
+        "offline_since",        # RangeMap: block index -> (node, monotonic time first read offline)
+        "block_counts",         # metrics.block_counts of the snapshot
+        "pagemap_bytes",        # pagemap type -> bytes mapped (BPF mode)
+], defaults=({}, None, (), {}, {}, 0.0, 0.0, 0, RangeMap(), {}, {}))):
+    """Everything a scrape shows; replaced whole by each reconcile, never mutated (nor are the
+    defaults, which every State shares)."""
+    __slots__ = ()
 
 
 def _result(event):
@@ -114,7 +112,7 @@ class Daemon:
 
     def _update(self, **changes):
         with self._lock:
-            self.current = _replace(self.current, **changes)
+            self.current = self.current._replace(**changes)
 
     def _attach(self):
         """(Probes, status of every function), or (None, {}) in procfs mode. Without kprobes,

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .views import iomem, memory_blocks, zoneinfo
 from .views.source import ViewError, read_view, view_path
 
-@dataclass
-class Snapshot:
-    root: str
-    kernel: str | None
-    page_size: int                  # of the kernel whose views these are (page_size_of)
-    zones: list
-    blocks: memory_blocks.MemoryBlocks
-    resources: list | None          # iomem roots; None when iomem could not be read
-    iomem_error: str | None         # why resources is None
+Snapshot = namedtuple("Snapshot", [
+    "root", "kernel",
+    "page_size",     # of the kernel whose views these are (page_size_of)
+    "zones",         # [zoneinfo.Zone]
+    "blocks",        # memory_blocks.MemoryBlocks
+    "resources",     # iomem roots; None when iomem could not be read
+    "iomem_error",   # why resources is None
+])
 
 
 def read_kernel_release(root="/"):

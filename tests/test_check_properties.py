@@ -2,8 +2,6 @@
 blocks inside a zone never leaks; offlining from a zone's edge without shrinking its span leaks
 exactly the offlined run."""
 
-from dataclasses import replace
-
 from hypothesis import given, settings, strategies as st
 
 from conftest import HOST
@@ -18,7 +16,7 @@ NORMAL = [b.index for b in SNAP.blocks.blocks if b.zone == "Normal"]
 
 
 def offlined(indexes):
-    blocks = tuple(replace(b, state="offline", valid_zones=("Normal", "Movable"))
+    blocks = tuple(b._replace(state="offline", valid_zones=("Normal", "Movable"))
                    if b.index in indexes else b for b in SNAP.blocks.blocks)
     return MemoryBlocks(SNAP.blocks.block_size, blocks, SNAP.blocks.auto_online)
 

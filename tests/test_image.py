@@ -144,8 +144,8 @@ def test_a_plan_kept_gives_the_same_program_and_status(tmp_path):
     kept._plan_kept_or_made()
     assert kept.variables is None and made.variables is not None   # kept: read after attach
     assert kept.text("kprobe") == made.text("kprobe")
-    assert {fn: vars(st) for fn, st in kept.status.items()} == \
-        {fn: vars(st) for fn, st in made.status.items()}
+    assert {fn: st._asdict() for fn, st in kept.status.items()} == \
+        {fn: st._asdict() for fn, st in made.status.items()}
     # another code (a probe source changed): planned again
     other = image.plan_identity(ALL[:3], "auto")
     assert image.cached_plan(str(tmp_path), other) is None

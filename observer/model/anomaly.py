@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections import namedtuple
 
 CRITICAL, WARNING, INFO = "critical", "warning", "info"
 
@@ -23,25 +23,26 @@ SEVERITY = {
 }
 
 
-@dataclass
-class Anomaly:
-    kind: str
-    message: str                  # one human sentence
-    ts_ns: int
-    node: int | None = None
-    zone: str | None = None
-    start_pfn: int | None = None
-    end_pfn: int | None = None  # exclusive
-    evidence: list[str] = field(default_factory=list)
-    severity: str = ""
-    # a state a judged read of the views shows (a leak), open until a read no longer shows it;
-    # else the anomaly is about one call or one loss at ts_ns
-    standing: bool = False
+class Anomaly(namedtuple("Anomaly", [
+        "kind",
+        "message",     # one human sentence
+        "ts_ns", "node", "zone", "start_pfn",
+        "end_pfn",     # exclusive
+        "evidence",    # [str]
+        "severity",    # the kind's, unless said
+        # a state a judged read of the views shows (a leak), open until a read no longer shows
+        # it; else the anomaly is about one call or one loss at ts_ns
+        "standing",
+])):
+    __slots__ = ()
 
-    def __post_init__(self):
-        if self.kind not in SEVERITY:
-            raise ValueError(f"unknown anomaly kind {self.kind!r}")
-        self.severity = self.severity or SEVERITY[self.kind]
+    def __new__(cls, kind, message, ts_ns, node=None, zone=None, start_pfn=None, end_pfn=None,
+                evidence=None, severity="", standing=False):
+        if kind not in SEVERITY:
+            raise ValueError(f"unknown anomaly kind {kind!r}")
+        return super().__new__(cls, kind, message, ts_ns, node, zone, start_pfn, end_pfn,
+                               [] if evidence is None else evidence,
+                               severity or SEVERITY[kind], standing)
 
     def to_dict(self):
-        return asdict(self)
+        return self._asdict()

@@ -33,9 +33,7 @@ def judge_views(snap, ts_ns, was_online=None):
     out = span_leaks(snap.zones, snap.blocks, snap.page_size, ts_ns, was_online)
     if snap.resources is not None:
         out += resource_anomalies(snap.resources, snap.blocks, snap.page_size, ts_ns)
-    for a in out:
-        a.standing = True   # states the views show, there until mended
-    return out
+    return [a._replace(standing=True) for a in out]   # states the views show, there until mended
 
 
 def _zone_evidence(z):

@@ -278,9 +278,7 @@ class Model:
         else:   # the events have taken the model past this read: those rules keep their word
             found += [a for a in self.active.values() if a.kind in ("pagemap_leak", "model_drift")]
         self.judged = snap
-        for a in found:
-            a.standing = True
-        now = {self._key(a): a for a in found}
+        now = {self._key(a): a._replace(standing=True) for a in found}
         new = [a for key, a in now.items() if key not in self.active]
         self.cleared += [(a, r1) for key, a in self.active.items() if key not in now]
         self.active = now

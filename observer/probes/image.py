@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .. import log
 from . import bpfsys
@@ -50,28 +50,21 @@ def path_of(directory, text):
                                    f"{zlib.crc32(_identity(text).encode()):08x}.json")
 
 
-@dataclass
-class MapSpec:
-    name: str
-    type: int
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
+MapSpec = namedtuple("MapSpec", "name type key_size value_size max_entries flags")
 
 
-@dataclass
-class Image:
-    license: str
-    kern_version: int
-    maps: list            # [MapSpec]
-    programs: dict        # {name: instructions, map references as map indexes}
-    references: dict      # {name: [(instruction index, map index)]}
+class Image(namedtuple("Image", [
+        "license", "kern_version",
+        "maps",         # [MapSpec]
+        "programs",     # {name: instructions, map references as map indexes}
+        "references",   # {name: [(instruction index, map index)]}
+])):
+    __slots__ = ()
 
     def to_json(self, text):
         return {"format": FORMAT, "for": _identity(text),
                 "license": self.license, "kern_version": self.kern_version,
-                "maps": [vars(m) for m in self.maps],
+                "maps": [m._asdict() for m in self.maps],
                 "programs": {name: base64.b64encode(insns).decode()
                              for name, insns in self.programs.items()},
                 "references": self.references}

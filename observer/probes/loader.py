@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .. import log
 from . import bpfsys, image, program, threads
@@ -34,15 +34,15 @@ class ProbeError(Exception):
     pass
 
 
-@dataclass
-class ProbeStatus:
-    function: str
-    present: bool                # in BTF and kallsyms
-    shape: str | None            # the prototype BTF gives
-    method: str                  # "kprobe" or "none"
-    attached: bool
-    reason: str = ""             # why not attached
-    symbol: str | None = None  # the kallsyms name attached: the function's own, never a clone
+ProbeStatus = namedtuple("ProbeStatus", [
+    "function",
+    "present",    # in BTF and kallsyms
+    "shape",      # the prototype BTF gives, or None
+    "method",     # "kprobe", "kfunc" or "none"
+    "attached",
+    "reason",     # why not attached
+    "symbol",     # the kallsyms name attached: the function's own, never a clone
+], defaults=("", None))
 
 
 # clang's warnings about the kernel's own headers, nothing to act on: 6.12's asm/current.h gives
@@ -133,22 +133,21 @@ class Probes:
             shape = shape_of(btf, fn)
             symbol = fn if fn in names else None
             clones = clones_of.get(fn, [])
-            st = ProbeStatus(fn, shape is not None and symbol is not None,
-                             shape.describe() if shape else None, method, False, symbol=symbol)
             if shape is None:
-                st.reason = "not in BTF (absent or inlined in this kernel)"
+                reason = "not in BTF (absent or inlined in this kernel)"
             elif clones:
-                st.reason = (f"only compiler clones in kallsyms ({', '.join(clones)}): "
-                             "their arguments may differ from the prototype")
+                reason = (f"only compiler clones in kallsyms ({', '.join(clones)}): "
+                          "their arguments may differ from the prototype")
             elif symbol is None:
-                st.reason = "not in kallsyms (inlined)"
+                reason = "not in kallsyms (inlined)"
             elif fn in ANNOTATIONS and ANNOTATIONS[fn] not in self.shapes:
-                st.reason = f"it annotates {ANNOTATIONS[fn]}, which is not observed"
+                reason = f"it annotates {ANNOTATIONS[fn]}, which is not observed"
             else:
+                reason = ""
                 self.shapes[fn] = shape
-            if st.reason:
-                st.method = "none"
-            self.status[fn] = st
+            self.status[fn] = ProbeStatus(fn, shape is not None and symbol is not None,
+                                          shape.describe() if shape else None,
+                                          "none" if reason else method, False, reason, symbol)
         return self.status
 
     def text(self, method=None):
@@ -313,10 +312,10 @@ class Probes:
                 if fn not in ANNOTATIONS:   # an annotation has an entry probe only
                     pair.append(bpfsys.attach_kprobe(program_fd(f"leave_{i}"), st.symbol,
                                                      retprobe=True))
-                st.attached = True
+                self.status[fn] = st._replace(attached=True)
                 self._perf_fds += pair
             except Exception as e:   # bcc's load_func raises a bare Exception
-                st.reason = str(e).strip().splitlines()[-1]
+                self.status[fn] = st._replace(reason=str(e).strip().splitlines()[-1])
                 for fd in pair:     # both or neither: a half pair stalls the order
                     os.close(fd)
 
@@ -342,13 +341,12 @@ class Probes:
         self._map_fds = self._bcc_map_fds()
         self._fill_kernel_addresses()
         for fn in self.shapes:
-            st = self.status[fn]
             try:
                 with _stderr_kept_quiet():   # libbpf prints the refusal itself; said once below
                     self.bpf.attach_kfunc(fn_name=fn.encode())
                     if fn not in ANNOTATIONS:
                         self.bpf.attach_kretfunc(fn_name=fn.encode())
-                st.attached = True
+                self.status[fn] = self.status[fn]._replace(attached=True)
             except Exception as e:
                 for detach in (self.bpf.detach_kfunc, self.bpf.detach_kretfunc):
                     try:
@@ -384,7 +382,7 @@ class Probes:
 
     def _unobserved(self, functions, reason):
         for fn in functions:
-            self.status[fn].reason, self.status[fn].method = reason, "none"
+            self.status[fn] = self.status[fn]._replace(reason=reason, method="none")
 
     def _strict_check(self):
         missing = [fn for fn in CORE if fn in self.status and not self.status[fn].attached]

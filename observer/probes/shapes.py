@@ -9,7 +9,7 @@ ZONE_DEVICE), mhp_flags, a resource name."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .functions import ALL
 
@@ -40,17 +40,17 @@ FAILURES_ONLY = ("__request_region",)
 MAX_ARGS = 6   # x86-64 passes six arguments in registers (PT_REGS_PARM1..6)
 
 
-@dataclass(frozen=True)
-class Shape:
-    function: str
-    params: tuple[tuple[str, str], ...]     # (name, C type) as BTF has them
-    roles: tuple[tuple[int, str], ...]      # (1-based position, role)
-    returns: str                            # "int", "void", "pointer", "resource"
-    return_type: str = "int"                # the C type BTF gives
-    # the same types spelled to compile without the kernel's headers (Btf.plain_type_name): what
-    # fentry programs are declared with
-    plain_params: tuple[tuple[str, str], ...] = ()
-    plain_return: str = "int"
+class Shape(namedtuple("Shape", [
+        "function",
+        "params",         # ((name, C type), ...) as BTF has them
+        "roles",          # ((1-based position, role), ...)
+        "returns",        # "int", "void", "pointer", "resource"
+        "return_type",    # the C type BTF gives
+        # the same types spelled to compile without the kernel's headers (Btf.plain_type_name):
+        # what fentry programs are declared with
+        "plain_params", "plain_return",
+], defaults=("int", (), "int"))):
+    __slots__ = ()
 
     def role_position(self, role) -> int | None:
         return next((pos for pos, r in self.roles if r == role), None)
@@ -110,17 +110,17 @@ FIELDS_READ = {
 SIZES_READ = ("zone", "range", "page")
 
 
-@dataclass(frozen=True)
-class Layouts:
-    """Struct layouts that change across kernels, and the kernel's enum values."""
-    offsets: dict               # (struct, member) -> byte offset
-    sizes: dict                 # struct -> sizeof
-    pgmap_has_range: bool       # struct dev_pagemap: range/ranges (5.10+) or res (before)
-    params_has_pgmap: bool      # struct mhp_params.pgmap (5.17+)
-    memory_types: dict          # value -> MEMORY_DEVICE_* name
-    zone_names: dict            # zone index -> zoneinfo's name (Normal, Movable, ...)
-    page_flags: dict            # page->flags bit -> name as dump_page prints it (reserved, lru)
-    span: tuple                 # (offset, words) of struct zone that hold its span and present pages
+# Struct layouts that change across kernels, and the kernel's enum values
+Layouts = namedtuple("Layouts", [
+    "offsets",            # (struct, member) -> byte offset
+    "sizes",              # struct -> sizeof
+    "pgmap_has_range",    # struct dev_pagemap: range/ranges (5.10+) or res (before)
+    "params_has_pgmap",   # struct mhp_params.pgmap (5.17+)
+    "memory_types",       # value -> MEMORY_DEVICE_* name
+    "zone_names",         # zone index -> zoneinfo's name (Normal, Movable, ...)
+    "page_flags",         # page->flags bit -> name as dump_page prints it (reserved, lru)
+    "span",               # (offset, words) of struct zone that hold its span and present pages
+])
 
 
 # /proc/zoneinfo prints mm/page_alloc.c zone_names[], not the enum's spelling

@@ -7,7 +7,7 @@ detected and reported, never read as a map of empty ranges."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 
@@ -29,14 +29,18 @@ class IomemHidden(ViewError):
     other views are still shown without; any other is an error like every view's."""
 
 
-@dataclass
-class Resource:
-    start: int
-    end: int           # inclusive, as the kernel prints it
-    name: str
-    depth: int
-    line: int          # line in /proc/iomem, for evidence
-    children: list["Resource"] = field(default_factory=list)
+class Resource(namedtuple("Resource", [
+        "start",
+        "end",         # inclusive, as the kernel prints it
+        "name", "depth",
+        "line",        # line in /proc/iomem, for evidence
+        "children",    # [Resource], filled as the lines below it are read
+], defaults=(None,))):
+    __slots__ = ()
+
+    def __new__(cls, start, end, name, depth, line, children=None):
+        return super().__new__(cls, start, end, name, depth, line,
+                               [] if children is None else children)
 
     @property
     def size(self):

@@ -11,7 +11,7 @@ import os
 import re
 import stat
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass, field, replace
+from collections import namedtuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 from .zoneinfo import MAX_NODES, ZONE_NAMES
@@ -31,20 +31,14 @@ VALID_ZONE_WORDS = ZONE_NAMES + ("none",)
 MIN_BLOCK_SIZE = 1 << 24
 ATTR_LIMIT = 1 << 16    # a sysfs attribute is at most one page (64 KiB pages on some arches)
 
-@dataclass(frozen=True)
-class MemoryBlock:
-    index: int
-    state: str
-    valid_zones: tuple[str, ...]
-    node: int | None
-    removable: bool | None
-    # the zone an online block is in; None when offline or when it spans several zones (kept,
-    # not computed at each look: the model looks at every block of every read)
-    zone: str | None = field(init=False, repr=False, compare=False)
+class MemoryBlock(namedtuple("MemoryBlock", "index state valid_zones node removable")):
+    __slots__ = ()
 
-    def __post_init__(self):
+    @property
+    def zone(self):
+        """The zone an online block is in; None when offline or when it spans several zones."""
         online = self.state == "online" and self.valid_zones and self.valid_zones[0] != "none"
-        object.__setattr__(self, "zone", self.valid_zones[0] if online else None)
+        return self.valid_zones[0] if online else None
 
 
 def _run_of(block):
@@ -59,21 +53,20 @@ def _merged(runs):
         if out and out[-1].last == r.first - 1 and \
                 (out[-1].state, out[-1].zone, out[-1].node, out[-1].spans_zones) == \
                 (r.state, r.zone, r.node, r.spans_zones):
-            out[-1] = replace(out[-1], last=r.last)
+            out[-1] = out[-1]._replace(last=r.last)
         else:
             out.append(r)
     return tuple(out)
 
 
-@dataclass(frozen=True)
-class BlockRun:
+class BlockRun(namedtuple("BlockRun", [
+        "first", "last", "state",
+        "zone",          # an online run's zone; None offline or where it spans several
+        "node",
+        "spans_zones",   # online across several zones: valid_zones says "none"
+], defaults=(False,))):
     """Consecutive memory blocks alike: state, node and, online, the zone (as lsmem groups them)."""
-    first: int
-    last: int
-    state: str
-    zone: str | None   # an online run's zone; None offline or where it spans several
-    node: int | None
-    spans_zones: bool = False  # online across several zones: valid_zones says "none"
+    __slots__ = ()
 
     @classmethod
     def alike(cls, first, last, state, word, node):
@@ -129,8 +122,8 @@ class MemoryBlocks:
             k = bisect_right(runs, index, key=lambda r: r.first) - 1
             if k >= 0 and runs[k].last >= index:   # cut its run around it
                 r = runs[k]
-                runs[k:k + 1] = [replace(r, last=index - 1)] * (r.first < index) + \
-                    [replace(r, first=index + 1)] * (index < r.last)
+                runs[k:k + 1] = [r._replace(last=index - 1)] * (r.first < index) + \
+                    [r._replace(first=index + 1)] * (index < r.last)
             if changed[index] is not None:
                 k = bisect_right(runs, index, key=lambda r: r.first)
                 runs.insert(k, _run_of(changed[index]))
@@ -164,7 +157,7 @@ class MemoryBlocks:
                 break
             if r.last >= first:
                 out.append(r if first <= r.first and r.last <= last else
-                           replace(r, first=max(r.first, first), last=min(r.last, last)))
+                           r._replace(first=max(r.first, first), last=min(r.last, last)))
         return out
 
     def __eq__(self, other):

@@ -6,7 +6,7 @@ protection line: no start_pfn (kernel-reference.md §4.1), so start_pfn is None 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 
 from .source import ViewError, excerpt, read_view, view_lines, view_path
 
@@ -22,15 +22,13 @@ MAX_NODES = 1 << 10
 ULONG_LIMIT = 1 << 64   # the counters are unsigned long
 
 
-@dataclass(frozen=True)
-class Zone:
-    node: int
-    name: str
-    start_pfn: int | None  # None when the kernel prints none (unpopulated zone)
-    spanned: int
-    present: int
-    managed: int
-    line: int = 0             # the zone's "Node N, zone Z" line, for evidence
+class Zone(namedtuple("Zone", [
+        "node", "name",
+        "start_pfn",   # None when the kernel prints none (unpopulated zone)
+        "spanned", "present", "managed",
+        "line",        # the zone's "Node N, zone Z" line, for evidence
+], defaults=(0,))):
+    __slots__ = ()
 
     @property
     def end_pfn(self):
