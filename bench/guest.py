@@ -15,7 +15,7 @@ import urllib.request
 
 from observer.lab.marker import NotALabGuest, require_lab_guest
 
-from .processes import cpu_seconds, until_idle
+from .processes import KILL_AFTER, cpu_seconds, until_idle
 
 MEM = "/sys/devices/system/memory"
 KPROBES_ENABLED = "/sys/kernel/debug/kprobes/enabled"   # 0 disarms every kprobe, 1 arms them
@@ -130,18 +130,22 @@ def restarted_turns(rounds, batch, spec, timed):
 
 
 def _ended(pid, name, timeout=120):
-    """SIGTERM to a child, then until it has exited (its probes detached: each kprobe or
-    trampoline taken away waits for RCU grace periods, seconds under TCG); a child that has
-    not exited after `timeout` seconds is a failure, with the kernel stack it waits in."""
+    """SIGTERM to a child, SIGKILL once KILL_AFTER seconds have passed, then until it has exited
+    (its probes detached: each kprobe or trampoline taken away waits for RCU grace periods,
+    seconds under TCG); a child that has not exited `timeout` seconds after SIGKILL is a
+    failure, with the kernel stack it waits in."""
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    killed, deadline = False, time.monotonic() + KILL_AFTER
     while os.waitpid(pid, os.WNOHANG) == (0, 0):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline and not killed:
+            os.kill(pid, signal.SIGKILL)
+            killed, deadline = True, time.monotonic() + timeout
+        elif time.monotonic() > deadline:
             try:
                 stack = _read(f"/proc/{pid}/stack")
             except OSError as e:
                 stack = str(e)
-            sys.exit(f"bench.guest: {name} (pid {pid}) not ended {timeout} s after SIGTERM; "
+            sys.exit(f"bench.guest: {name} (pid {pid}) not ended {timeout} s after SIGKILL; "
                      f"its kernel stack:\n{stack}")
         time.sleep(0.1)
 

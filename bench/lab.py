@@ -45,7 +45,7 @@ from observer.lab.guest import Guest
 from observer.lab.scenarios import GUEST_APPEND, GUEST_QEMU, INJECT, INJECT_DIR
 from observer.probes.functions import ALL, ANNOTATIONS
 
-from .processes import EXE
+from .processes import EXE, KILL_AFTER
 
 KERNEL = "6.12"
 CORE = ("arch_add_memory", "__remove_pages", "release_mem_region_adjustable", "devm_memremap_pages")
@@ -85,9 +85,13 @@ def rows(quick, work, progress):
             out = guest.sh(f"cd {TOP} && {shlex.join(argv)}", timeout=timeout)["out"]
             return json.loads(out)
 
-        def stop(pid, signal="TERM"):
-            guest.sh(f"kill -{signal} {pid}; while [ -e /proc/{pid} ] && "
-                     f"! grep -q '^State:.*Z' /proc/{pid}/status; do sleep 0.2; done", timeout=120)
+        def stop(pid):
+            """SIGTERM, SIGKILL after KILL_AFTER seconds, until the process is gone or a zombie
+            (reparented in the guest: nobody reaps it)."""
+            ended = f"[ ! -e /proc/{pid} ] || grep -q '^State:.*Z' /proc/{pid}/status"
+            guest.sh(f"kill -TERM {pid}; for i in $(seq {KILL_AFTER * 5}); do {ended} && exit; "
+                     f"sleep 0.2; done; kill -KILL {pid}; until {ended}; do sleep 0.2; done",
+                     timeout=KILL_AFTER + 120)
 
         guest.sh(INJECT)    # and debugfs, where the kernel lists its kprobes
         journal = f"{results}/journal.jsonl"
