@@ -25,7 +25,6 @@ from .notify import Notifier
 from .model.model import SETTLE_NS, Model
 from .model.ranges import RangeMap
 from .report import anomaly_headline
-from .snapshot import Snapshot
 from .sources.live import LiveSource
 from .trace import TraceWriteError, TraceWriter
 from .probes.availability import has_kprobes, missing_privilege, try_fentry
